@@ -1,0 +1,699 @@
+"""Image processor for DETR (Carion et al. 2020), written for speed and for the original DETR's box convention.
+
+Shipped as Hugging Face Hub remote code, so this file imports only torch, numpy, PIL and transformers at top level.
+
+Differences from transformers' ``DetrImageProcessor`` (both of its backends):
+
+* target boxes are normalised by each image's own UNPADDED resized size, as in the original DETR and as the
+  pretrained weights expect (transformers normalises by the padded canvas when it pads a batch);
+* all work is done on torch tensors, one pass per image into a batch tensor allocated once, on CPU or on a GPU
+  (``device=``);
+* PIL EXIF orientation is applied; grayscale, RGBA, LA, palette and CMYK images become RGB (alpha is dropped,
+  as ``PIL.Image.convert("RGB")`` does in the original DETR data loader);
+* float images are taken to be in [0, 1] already: ``do_rescale`` only rescales uint8 images;
+* bad inputs raise ``ValueError`` naming the offending index and value;
+* ``post_process_object_detection`` clips boxes to the image and can keep the ``top_k`` best detections.
+
+Resizing uses ``torch.nn.functional.interpolate(mode="bilinear", antialias=True, align_corners=False)``. On CPU a
+uint8 image is resized in uint8 (PyTorch's vectorised channels-last kernel, the one torchvision uses; it rounds to
+uint8 like PIL and the original DETR do, is about 5x faster than the float kernel on CPU, and never makes a float
+copy of a huge image); float images and every image on a GPU are resized in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SIZE = {"shortest_edge": 800, "longest_edge": 1333}
+EXIF_ORIENTATION_TAG = 0x0112
+EXPECTED_IMAGE = "expected a PIL.Image, a numpy array (H, W, C) or a torch tensor (C, H, W)"
+OUR_KEYS = ("remove_crowd", "id2label")
+
+
+class DetrCustomImagesKwargs(ImagesKwargs, total=False):
+    """The processor's settings: transformers' image kwargs plus ours (lets `from_pretrained(..., key=value)`
+    override them without a warning)."""
+
+    remove_crowd: bool
+    id2label: dict[int, str] | None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sizes
+# ---------------------------------------------------------------------------------------------------------------
+def get_size_with_aspect_ratio(
+    image_size: tuple[int, int], size: int, max_size: int | None = None
+) -> tuple[int, int]:
+    """Output `(height, width)` when the short side is resized to `size` with the long side at most `max_size`.
+
+    Same arithmetic as `transformers.image_transforms.get_size_with_aspect_ratio` (which DetrImageProcessor uses)
+    so that output sizes are identical. It differs from the original DETR code only when the long side limit
+    applies: the original rounds the reduced short side first and derives the long side from the rounded value,
+    transformers (and we) from the unrounded one, so the long side can differ by one pixel.
+    """
+    height, width = image_size
+    raw_size = None
+    if max_size is not None:
+        min_original_size = float(min((height, width)))
+        max_original_size = float(max((height, width)))
+        if max_original_size / min_original_size * size > max_size:
+            raw_size = max_size * min_original_size / max_original_size
+            size = int(round(raw_size))
+    if (height <= width and height == size) or (width <= height and width == size):
+        return height, width
+    long_scale = raw_size if raw_size is not None else size
+    if width < height:
+        return int(long_scale * height / width), size
+    return size, int(long_scale * width / height)
+
+
+def _validate_size(size: Any) -> dict[str, int]:
+    """Normalise `size` to {"shortest_edge"[, "longest_edge"]} or {"height", "width"}; an int is a shortest edge."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = {"shortest_edge": size}
+    if not isinstance(size, Mapping):
+        raise ValueError(f"size = {size!r}; expected a dict like {DEFAULT_SIZE} or {{'height': h, 'width': w}}")
+    size = {k: v for k, v in dict(size).items() if v is not None}
+    keys = set(size)
+    if keys not in ({"shortest_edge"}, {"shortest_edge", "longest_edge"}, {"height", "width"}):
+        raise ValueError(f"size = {size!r}; expected keys shortest_edge (+ longest_edge) or height and width")
+    if not all(isinstance(v, int) and v > 0 for v in size.values()):
+        raise ValueError(f"size = {size!r}; every value must be a positive int")
+    return size
+
+
+def _validate_pad_size(pad_size: Any) -> dict[str, int] | None:
+    """`pad_size` is None (pad to the batch maximum) or {"height": int, "width": int}."""
+    if pad_size is None:
+        return None
+    if not isinstance(pad_size, Mapping) or set(pad_size) != {"height", "width"}:
+        raise ValueError(f"pad_size = {pad_size!r}; expected None or {{'height': int, 'width': int}}")
+    if not all(isinstance(v, int) and v > 0 for v in pad_size.values()):
+        raise ValueError(f"pad_size = {pad_size!r}; height and width must be positive ints")
+    return dict(pad_size)
+
+
+def _output_size(image_hw: tuple[int, int], size: dict[str, int] | None) -> tuple[int, int]:
+    """Resized `(height, width)` of one image; `size=None` means no resize."""
+    if size is None:
+        return image_hw
+    if "height" in size:
+        return size["height"], size["width"]
+    return get_size_with_aspect_ratio(image_hw, size["shortest_edge"], size.get("longest_edge"))
+
+
+def _padded_size(sizes: list[tuple[int, int]], pad_size: dict[str, int] | None) -> tuple[int, int]:
+    """Canvas `(height, width)`: the batch maximum, or the fixed `pad_size` (which must fit every image)."""
+    if pad_size is None:
+        return max(h for h, _ in sizes), max(w for _, w in sizes)
+    for i, (h, w) in enumerate(sizes):
+        if h > pad_size["height"] or w > pad_size["width"]:
+            raise ValueError(
+                f"images[{i}] is {h}x{w} (height x width) after resizing, larger than pad_size = {pad_size}"
+            )
+    return pad_size["height"], pad_size["width"]
+
+
+def _id2label_with_int_keys(id2label: Mapping | None) -> dict[int, str] | None:
+    """JSON turns int keys into strings; convert them back so category ids can be looked up."""
+    if id2label is None:
+        return None
+    try:
+        return {int(k): v for k, v in dict(id2label).items()}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"id2label keys must be ints (class ids); got {list(id2label)[:10]!r}") from err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images -> (3, H, W) tensors
+# ---------------------------------------------------------------------------------------------------------------
+def _as_image_list(images: Any) -> list[Any]:
+    """One image, a list/tuple of images, or a 4-D batch (torch (B, C, H, W) / numpy (B, H, W, C)) -> a list."""
+    if isinstance(images, (list, tuple)):
+        items = list(images)
+    elif isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        items = list(images)
+    else:
+        items = [images]
+    if not items:
+        raise ValueError("images is empty; expected at least one image")
+    return items
+
+
+def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Apply EXIF orientation and convert to RGB. Copies only when something has to change (big images)."""
+    orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    if orientation not in (None, 1):
+        image = PIL.ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def _numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """Zero-copy numpy -> torch, also for the read-only arrays PIL hands out (we never write into inputs)."""
+    if any(stride < 0 for stride in array.strides):  # e.g. a flipped view; torch cannot wrap those
+        array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def _channels_first(tensor: torch.Tensor, channels_last_first: bool, index: int) -> torch.Tensor:
+    """(H, W), (H, W, C) or (C, H, W) -> (C, H, W) as a view; C must be 1, 3 or 4.
+
+    `channels_last_first` says which layout to try first when both would fit (numpy arrays are usually HWC,
+    torch tensors CHW).
+    """
+    if tensor.ndim == 2:
+        return tensor.unsqueeze(0)
+    if tensor.ndim != 3:
+        raise ValueError(f"images[{index}] has shape {tuple(tensor.shape)}; {EXPECTED_IMAGE}")
+    is_hwc, is_chw = tensor.shape[-1] in (1, 3, 4), tensor.shape[0] in (1, 3, 4)
+    if is_hwc and (channels_last_first or not is_chw):
+        return tensor.permute(2, 0, 1)
+    if is_chw:
+        return tensor
+    raise ValueError(f"images[{index}] has shape {tuple(tensor.shape)}: no axis of 1, 3 or 4 channels; {EXPECTED_IMAGE}")
+
+
+def _to_rgb_chw(image: Any, index: int) -> torch.Tensor:
+    """Any supported image -> (3, H, W) uint8 or float tensor on its original device, a view where possible."""
+    if isinstance(image, PIL.Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"images[{index}] has size {image.height}x{image.width} (height x width); it is empty")
+        tensor = _numpy_to_tensor(np.asarray(_pil_to_rgb(image))).permute(2, 0, 1)
+    elif isinstance(image, np.ndarray):
+        tensor = _channels_first(_numpy_to_tensor(image), channels_last_first=True, index=index)
+    elif isinstance(image, torch.Tensor):
+        tensor = _channels_first(image.detach(), channels_last_first=False, index=index)
+    else:
+        raise ValueError(f"images[{index}] is a {type(image)}; {EXPECTED_IMAGE}")
+    return _checked_rgb(tensor, index)
+
+
+def _checked_rgb(tensor: torch.Tensor, index: int) -> torch.Tensor:
+    """Check size and dtype; 1 channel -> 3 (a view), 4 channels -> drop alpha (a view)."""
+    if tensor.shape[-2] == 0 or tensor.shape[-1] == 0:
+        raise ValueError(
+            f"images[{index}] has size {tensor.shape[-2]}x{tensor.shape[-1]} (height x width); it is empty"
+        )
+    if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
+        raise ValueError(f"images[{index}] has dtype {tensor.dtype}; expected uint8 (0-255) or float (0-1)")
+    if tensor.shape[0] == 1:
+        return tensor.expand(3, -1, -1)
+    return tensor[:3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resize and normalise into the batch tensor
+# ---------------------------------------------------------------------------------------------------------------
+def _resize_in_uint8(image: torch.Tensor) -> bool:
+    """uint8 on CPU: PyTorch's fast channels-last uint8 antialias kernel. Elsewhere (CUDA has no uint8 kernel) float32."""
+    return image.dtype == torch.uint8 and image.device.type == "cpu"
+
+
+def _resize_batch(images: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3, h, w), bilinear with antialiasing; uint8 stays uint8 on CPU, otherwise float32.
+
+    Pixel values keep their scale (0-255 for uint8 inputs, 0-1 for float inputs).
+    """
+    if _resize_in_uint8(images):
+        # the fast uint8 kernel wants channels-last memory; HWC inputs (PIL, numpy) already are, for free
+        images = images.contiguous(memory_format=torch.channels_last)
+    else:
+        # one float32 copy (never float64); the float kernel is fastest on contiguous NCHW
+        images = images.to(torch.float32, memory_format=torch.contiguous_format)
+    if tuple(images.shape[-2:]) == tuple(out_hw):
+        return images
+    return F.interpolate(images, size=out_hw, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _stack_group(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Same-shape (3, H, W) images -> (N, 3, H, W) on `device`, channels-last in memory (HWC inputs copy once)."""
+    moved = [image.to(device) for image in images]
+    if len(moved) == 1:
+        return moved[0].unsqueeze(0)
+    return torch.stack([image.permute(1, 2, 0) for image in moved]).permute(0, 3, 1, 2)
+
+
+def _group_by_shape(images: list[torch.Tensor], out_sizes: list[tuple[int, int]]) -> dict[tuple, list[int]]:
+    """Indices of images that can be resized in one call: same input shape, dtype and output size."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (image, out_hw) in enumerate(zip(images, out_sizes)):
+        groups.setdefault((tuple(image.shape), image.dtype, out_hw), []).append(i)
+    return groups
+
+
+def _affine_constants(
+    is_uint8: bool,
+    do_rescale: bool,
+    rescale_factor: float,
+    do_normalize: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, bias), shape (3, 1, 1) float32, so that rescale + normalise is one `x * scale + bias`.
+
+    Float images are already in [0, 1], so `do_rescale` applies to uint8 images only.
+    """
+    rescale = rescale_factor if (do_rescale and is_uint8) else 1.0
+    if do_normalize:
+        scale = [rescale / s for s in std]
+        bias = [-m / s for m, s in zip(mean, std)]
+    else:
+        scale, bias = [rescale] * 3, [0.0] * 3
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)  # noqa: E731
+    return as_tensor(scale), as_tensor(bias)
+
+
+def _write_into_canvas(canvas: torch.Tensor, resized: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> None:
+    """Write one resized (3, h, w) image into the top-left of its (3, H, W) canvas slot, rescale and normalise in
+    place, and zero the bottom/right padding (the canvas is allocated uninitialised to save a pass)."""
+    h, w = resized.shape[-2:]
+    slot = canvas[:, :h, :w]
+    slot.copy_(resized)  # converts uint8 -> float32 and channels-last -> planar in the same pass
+    slot.mul_(scale).add_(bias)
+    canvas[:, h:, :].zero_()
+    canvas[:, :h, w:].zero_()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# annotations
+# ---------------------------------------------------------------------------------------------------------------
+def _as_annotation_list(annotations: Any, num_images: int) -> list[Mapping]:
+    """One dict per image (a single dict is allowed for a single image)."""
+    if isinstance(annotations, Mapping):
+        annotations = [annotations]
+    if not isinstance(annotations, (list, tuple)):
+        raise ValueError(f"annotations is a {type(annotations)}; expected a list with one dict per image")
+    if len(annotations) != num_images:
+        raise ValueError(
+            f"got {num_images} images but {len(annotations)} annotations; pass exactly one annotation dict per image"
+        )
+    return list(annotations)
+
+
+def _validate_annotation(annotation: Any, index: int, id2label: dict[int, str] | None) -> None:
+    """Check one COCO detection annotation: {"image_id": int, "annotations": [{"bbox": [x, y, w, h], ...}]}."""
+    where = f"annotations[{index}]"
+    if not isinstance(annotation, Mapping) or not isinstance(annotation.get("annotations"), (list, tuple)):
+        raise ValueError(
+            f"{where} = {annotation!r:.200}; expected a COCO detection dict "
+            "{'image_id': int, 'annotations': [{'bbox': [x, y, w, h], 'category_id': int, ...}, ...]}"
+        )
+    if not _is_int(annotation.get("image_id")):
+        raise ValueError(f"{where}['image_id'] = {annotation.get('image_id')!r}; expected an int")
+    for j, obj in enumerate(annotation["annotations"]):
+        _validate_object(obj, f"{where}['annotations'][{j}]", id2label)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _validate_object(obj: Any, where: str, id2label: dict[int, str] | None) -> None:
+    """One COCO object: bbox four finite numbers with width, height >= 0; category_id an int known to id2label."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where} is a {type(obj)}; expected a dict with 'bbox' and 'category_id'")
+    bbox = obj.get("bbox")
+    try:
+        values = np.asarray(bbox, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.zeros(0)
+    if values.shape != (4,) or not np.isfinite(values).all():
+        raise ValueError(
+            f"{where}['bbox'] = {bbox!r}; expected four finite numbers [x, y, width, height] "
+            "in absolute pixels of the original image (COCO format)"
+        )
+    if values[2] < 0 or values[3] < 0:
+        raise ValueError(
+            f"{where}['bbox'] = {bbox!r} has a negative width or height; COCO boxes are [x, y, width, height] "
+            "with width, height >= 0 (was it given as [x0, y0, x1, y1]?)"
+        )
+    category_id = obj.get("category_id")
+    if not _is_int(category_id):
+        raise ValueError(f"{where}['category_id'] = {category_id!r}; expected an int")
+    if id2label is not None and int(category_id) not in id2label:
+        known = sorted(id2label)
+        raise ValueError(
+            f"{where}['category_id'] = {category_id!r} is not in id2label (ids {known[:20]}"
+            f"{' ...' if len(known) > 20 else ''})"
+        )
+
+
+def _prepare_target(
+    annotation: Mapping,
+    orig_hw: tuple[int, int],
+    new_hw: tuple[int, int],
+    remove_crowd: bool,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """COCO annotation of one image -> DETR target dict (CPU tensors) and the number of empty boxes dropped.
+
+    Float32 arithmetic in the same order as transformers' DetrImageProcessor, so unpadded labels are identical.
+    """
+    objects = [o for o in annotation["annotations"] if not (remove_crowd and o.get("iscrowd", 0) == 1)]
+    (orig_h, orig_w), (new_h, new_w) = orig_hw, new_hw
+    boxes = torch.tensor([o["bbox"] for o in objects], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy, absolute pixels of the original image
+    boxes[:, 0::2] = boxes[:, 0::2].clip(min=0, max=orig_w)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(min=0, max=orig_h)
+    keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+    ratio_h, ratio_w = new_h / orig_h, new_w / orig_w
+    boxes = boxes[keep] * torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], dtype=torch.float32)
+    boxes = _xyxy_to_cxcywh(boxes) / torch.tensor([new_w, new_h, new_w, new_h], dtype=torch.float32)
+    area = [o["area"] if "area" in o else o["bbox"][2] * o["bbox"][3] for o in objects]
+    target = {
+        "image_id": torch.tensor([int(annotation["image_id"])], dtype=torch.int64),
+        "class_labels": torch.tensor([int(o["category_id"]) for o in objects], dtype=torch.int64)[keep],
+        "boxes": boxes,
+        "area": torch.tensor(area, dtype=torch.float32)[keep] * (ratio_w * ratio_h),
+        "iscrowd": torch.tensor([int(o.get("iscrowd", 0)) for o in objects], dtype=torch.int64)[keep],
+        "orig_size": torch.tensor([orig_h, orig_w], dtype=torch.int64),
+        "size": torch.tensor([new_h, new_w], dtype=torch.int64),
+    }
+    return target, int((~keep).sum())
+
+
+def _xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """(n, 4) (x0, y0, x1, y1) -> (n, 4) (cx, cy, w, h), same units."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def _cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) (cx, cy, w, h) -> (..., 4) (x0, y0, x1, y1), same units."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def _to_numpy(value: Any) -> Any:
+    """Tensors (also inside dicts/lists) -> numpy, for return_tensors="np"."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu().numpy()
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_numpy(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the processor
+# ---------------------------------------------------------------------------------------------------------------
+class DetrCustomImageProcessor(BaseImageProcessor):
+    r"""DETR image processor: resize, rescale, normalise, pad to a batch and convert COCO boxes to DETR targets.
+
+    Outputs (a `BatchFeature`):
+        pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)`): normalised RGB, zero in the padding;
+            `H, W` is the largest resized image of the batch (or `pad_size`); each image sits at the top left.
+        pixel_mask (`torch.LongTensor` of shape `(batch, H, W)`): 1 on real pixels, 0 on padding.
+        labels (`list[dict]`, only with `annotations`): per image
+            class_labels (`int64 (n,)`), boxes (`float32 (n, 4)`: (cx, cy, w, h) normalised to [0, 1] by the
+            UNPADDED resized image size, as in the original DETR), area (`float32 (n,)`: pixels of the resized
+            image), iscrowd (`int64 (n,)`), orig_size (`int64 (2,)`: (h, w) before resizing), size (`int64 (2,)`:
+            (h, w) after resizing, without padding), image_id (`int64 (1,)`).
+
+    Args:
+        do_resize: resize so that the short side is `size["shortest_edge"]` and the long side at most
+            `size["longest_edge"]` (aspect ratio kept), or to exactly `size["height"] x size["width"]`.
+        size: see `do_resize`; defaults to {"shortest_edge": 800, "longest_edge": 1333} (DETR evaluation).
+        do_rescale: multiply uint8 pixels by `rescale_factor` (1/255). Float images are taken to be in [0, 1].
+        rescale_factor: see `do_rescale`.
+        do_normalize: subtract `image_mean` and divide by `image_std` (per channel, ImageNet by default).
+        image_mean, image_std: 3 floats each.
+        do_pad: pad bottom/right with zeros to the batch maximum, or to `pad_size` if given.
+        pad_size: optional fixed canvas {"height": int, "width": int}.
+        remove_crowd: drop COCO crowd boxes (`iscrowd == 1`) from the targets, as the original DETR does.
+        id2label: optional {class id: name}; if given, every annotation's category_id must be one of its keys.
+
+    After each call, `last_num_dropped_boxes` holds, per image, how many boxes were dropped because they were
+    empty after clipping to the image (crowd boxes are not counted); a warning is logged when any were dropped.
+    """
+
+    model_input_names = ["pixel_values", "pixel_mask"]
+    valid_kwargs = DetrCustomImagesKwargs
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: dict[str, int] | int | None = None,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        do_pad: bool = True,
+        pad_size: dict[str, int] | None = None,
+        remove_crowd: bool = True,
+        id2label: Mapping[int, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.do_resize = bool(do_resize)
+        self.size = _validate_size(DEFAULT_SIZE if size is None else size)
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = float(rescale_factor)
+        self.do_normalize = bool(do_normalize)
+        self.image_mean = self._three_floats(IMAGENET_MEAN if image_mean is None else image_mean, "image_mean")
+        self.image_std = self._three_floats(IMAGENET_STD if image_std is None else image_std, "image_std")
+        self.do_pad = bool(do_pad)
+        self.pad_size = _validate_pad_size(pad_size)
+        self.remove_crowd = bool(remove_crowd)
+        self.id2label = _id2label_with_int_keys(id2label)
+        self.last_num_dropped_boxes: list[int] = []
+
+    @staticmethod
+    def _three_floats(values: Sequence[float], name: str) -> list[float]:
+        """Mean/std as a JSON-friendly list of 3 floats."""
+        values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values] * 3)]
+        if len(values) != 3 or (name == "image_std" and min(values) <= 0):
+            raise ValueError(f"{name} = {values!r}; expected 3 numbers (one per RGB channel), std > 0")
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        """Settings only (JSON-serialisable); the per-call statistics are not saved."""
+        output = super().to_dict()
+        output.pop("last_num_dropped_boxes", None)
+        return output
+
+    def __call__(self, images: Any, annotations: Any = None, **kwargs: Any) -> BatchFeature:
+        """Same as `preprocess`."""
+        return self.preprocess(images, annotations=annotations, **kwargs)
+
+    def preprocess(
+        self,
+        images: Any,
+        annotations: Mapping | Sequence[Mapping] | None = None,
+        return_tensors: str | None = "pt",
+        do_resize: bool | None = None,
+        size: dict[str, int] | int | None = None,
+        do_rescale: bool | None = None,
+        do_normalize: bool | None = None,
+        do_pad: bool | None = None,
+        pad_size: dict[str, int] | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Turn images (and optional COCO annotations) into DETR model inputs.
+
+        Args:
+            images: one image or a list. Each is a `PIL.Image.Image` (any mode; EXIF orientation applied), a
+                numpy array `(H, W, C)` / `(H, W)` or a torch tensor `(C, H, W)` / `(H, W)`, with C in 1, 3, 4,
+                dtype uint8 (0-255) or float (0-1). A 4-D torch `(B, C, H, W)` / numpy `(B, H, W, C)` batch works too.
+            annotations: for training, one COCO detection dict per image: {"image_id": int, "annotations":
+                [{"bbox": [x, y, w, h] (absolute pixels of the original image), "category_id": int,
+                "area": float (optional, defaults to w * h), "iscrowd": 0 or 1 (optional)}, ...]}.
+            return_tensors: "pt" (or None) for torch tensors, "np" for numpy arrays.
+            do_resize, size, do_rescale, do_normalize, do_pad, pad_size: override the processor's settings.
+            device: where to do the work and return the tensors ("cpu", "cuda", ...). Default: the device of the
+                first image if it is a torch tensor, else CPU.
+            **kwargs: `remove_crowd`, `id2label`, `rescale_factor`, `image_mean`, `image_std` override settings.
+
+        Returns:
+            `BatchFeature` with `pixel_values` (B, 3, H, W) float32, `pixel_mask` (B, H, W) int64 and, with
+            annotations, `labels` (see the class docstring).
+        """
+        opts = self._options(do_resize, size, do_rescale, do_normalize, do_pad, pad_size, kwargs)
+        image_list = _as_image_list(images)
+        annotation_list = None
+        if annotations is not None:
+            annotation_list = _as_annotation_list(annotations, len(image_list))
+            for i, annotation in enumerate(annotation_list):
+                _validate_annotation(annotation, i, opts["id2label"])
+        tensors = [_to_rgb_chw(image, i) for i, image in enumerate(image_list)]
+        target_device = self._target_device(device, tensors)
+        orig_sizes = [tuple(t.shape[-2:]) for t in tensors]
+        new_sizes = [_output_size(hw, opts["size"] if opts["do_resize"] else None) for hw in orig_sizes]
+        pixel_values, pixel_mask = self._build_batch(tensors, new_sizes, opts, target_device)
+        data = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+        if annotation_list is not None:
+            data["labels"] = self._targets(annotation_list, orig_sizes, new_sizes, opts, target_device)
+        if return_tensors == "np":
+            data = {k: _to_numpy(v) for k, v in data.items()}
+        elif return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors = {return_tensors!r}; expected 'pt', 'np' or None")
+        return BatchFeature(data=data)
+
+    def _options(
+        self,
+        do_resize: bool | None,
+        size: Any,
+        do_rescale: bool | None,
+        do_normalize: bool | None,
+        do_pad: bool | None,
+        pad_size: Any,
+        kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Per-call settings: the arguments given, the processor's attributes for the rest."""
+        pick = lambda value, name: getattr(self, name) if value is None else value  # noqa: E731
+        unknown = set(kwargs) - {"remove_crowd", "id2label", "rescale_factor", "image_mean", "image_std"}
+        if unknown:
+            logger.warning_once(f"DetrCustomImageProcessor ignores the arguments {sorted(unknown)}")
+        return {
+            "do_resize": pick(do_resize, "do_resize"),
+            "size": _validate_size(pick(size, "size")),
+            "do_rescale": pick(do_rescale, "do_rescale"),
+            "rescale_factor": float(pick(kwargs.get("rescale_factor"), "rescale_factor")),
+            "do_normalize": pick(do_normalize, "do_normalize"),
+            "image_mean": self._three_floats(pick(kwargs.get("image_mean"), "image_mean"), "image_mean"),
+            "image_std": self._three_floats(pick(kwargs.get("image_std"), "image_std"), "image_std"),
+            "do_pad": pick(do_pad, "do_pad"),
+            "pad_size": _validate_pad_size(pick(pad_size, "pad_size")),
+            "remove_crowd": pick(kwargs.get("remove_crowd"), "remove_crowd"),
+            "id2label": _id2label_with_int_keys(pick(kwargs.get("id2label"), "id2label")),
+        }
+
+    @staticmethod
+    def _target_device(device: str | torch.device | None, tensors: list[torch.Tensor]) -> torch.device:
+        """The requested device, else the first image's (a tensor already on a GPU stays there)."""
+        return torch.device(device) if device is not None else tensors[0].device
+
+    def _build_batch(
+        self,
+        tensors: list[torch.Tensor],
+        new_sizes: list[tuple[int, int]],
+        opts: dict[str, Any],
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resize every image straight into one preallocated (B, 3, H, W) float32 canvas; build the (B, H, W) mask."""
+        if opts["do_pad"]:
+            canvas_hw = _padded_size(new_sizes, opts["pad_size"])
+        elif len(set(new_sizes)) > 1:
+            raise ValueError(
+                f"do_pad=False but the resized images differ in size ({sorted(set(new_sizes))}); "
+                "they cannot be stacked into one batch: use do_pad=True"
+            )
+        else:
+            canvas_hw = new_sizes[0]
+        pixel_values = torch.empty((len(tensors), 3, *canvas_hw), dtype=torch.float32, device=device)
+        pixel_mask = torch.zeros((len(tensors), *canvas_hw), dtype=torch.int64, device=device)
+        for (_, dtype, out_hw), indices in _group_by_shape(tensors, new_sizes).items():
+            resized = _resize_batch(_stack_group([tensors[i] for i in indices], device), out_hw)
+            scale, bias = _affine_constants(
+                dtype == torch.uint8,
+                opts["do_rescale"],
+                opts["rescale_factor"],
+                opts["do_normalize"],
+                opts["image_mean"],
+                opts["image_std"],
+                device,
+            )
+            for k, i in enumerate(indices):
+                _write_into_canvas(pixel_values[i], resized[k], scale, bias)
+                pixel_mask[i, : out_hw[0], : out_hw[1]] = 1
+        return pixel_values, pixel_mask
+
+    def _targets(
+        self,
+        annotations: list[Mapping],
+        orig_sizes: list[tuple[int, int]],
+        new_sizes: list[tuple[int, int]],
+        opts: dict[str, Any],
+        device: torch.device,
+    ) -> list[dict[str, torch.Tensor]]:
+        """DETR targets for every image, on `device`; records and logs the number of empty boxes dropped."""
+        labels, dropped = [], []
+        for annotation, orig_hw, new_hw in zip(annotations, orig_sizes, new_sizes):
+            target, num_dropped = _prepare_target(annotation, orig_hw, new_hw, opts["remove_crowd"])
+            labels.append({k: v.to(device) for k, v in target.items()})
+            dropped.append(num_dropped)
+        self.last_num_dropped_boxes = dropped
+        if sum(dropped):
+            where = ", ".join(f"images[{i}]: {n}" for i, n in enumerate(dropped) if n)
+            logger.warning(f"Dropped {sum(dropped)} box(es) with zero area after clipping to the image ({where})")
+        return labels
+
+    def post_process_object_detection(
+        self,
+        outputs: Any,
+        threshold: float = 0.5,
+        target_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
+        top_k: int | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """DETR outputs -> detections per image.
+
+        Args:
+            outputs: an object with `logits` `(B, Q, C + 1)` (the last class is "no object") and `pred_boxes`
+                `(B, Q, 4)`, (cx, cy, w, h) normalised to [0, 1] by each image's own unpadded size.
+            threshold: keep detections whose score is strictly above it.
+            target_sizes: `(B, 2)` tensor or list of (height, width): the size to express boxes in, normally each
+                image's original size. None keeps normalised coordinates.
+            top_k: keep at most this many detections per image, the best first.
+
+        Returns:
+            One dict per image of tensors: `scores` float32 (n,), `labels` int64 (n,), `boxes` float32 (n, 4)
+            (x0, y0, x1, y1) in absolute pixels of `target_sizes` (or normalised), clipped to the image.
+            Detections are in query order, or sorted by score when `top_k` is given.
+        """
+        logits, pred_boxes = outputs.logits, outputs.pred_boxes
+        # softmax over all C + 1 classes, then ignore "no object": a score is P(class) for the best real class
+        scores, labels = logits.float().softmax(-1)[..., :-1].max(-1)
+        boxes = _cxcywh_to_xyxy(pred_boxes.float())
+        limits = self._box_limits(target_sizes, len(logits), boxes.device)  # (B, 4): w, h, w, h
+        boxes = torch.minimum((boxes * limits[:, None, :]).clamp(min=0), limits[:, None, :])
+        results = []
+        for image_scores, image_labels, image_boxes in zip(scores, labels, boxes):
+            keep = torch.nonzero(image_scores > threshold).squeeze(1)
+            if top_k is not None:
+                keep = keep[image_scores[keep].argsort(descending=True)[:top_k]]
+            results.append({"scores": image_scores[keep], "labels": image_labels[keep], "boxes": image_boxes[keep]})
+        return results
+
+    @staticmethod
+    def _box_limits(target_sizes: Any, batch_size: int, device: torch.device) -> torch.Tensor:
+        """(B, 4) float32 (w, h, w, h) scale and clip limits; all ones when target_sizes is None."""
+        if target_sizes is None:
+            return torch.ones((batch_size, 4), device=device)
+        if isinstance(target_sizes, torch.Tensor):
+            sizes = target_sizes.to(device=device, dtype=torch.float32)
+        else:
+            sizes = torch.tensor([[float(h), float(w)] for h, w in target_sizes], device=device)
+        if sizes.shape != (batch_size, 2):
+            raise ValueError(
+                f"target_sizes has shape {tuple(sizes.shape)}; expected ({batch_size}, 2): one (height, width) "
+                "per image of the batch"
+            )
+        height, width = sizes.unbind(1)
+        return torch.stack([width, height, width, height], dim=1)
+
+
+__all__ = ["DetrCustomImageProcessor", "get_size_with_aspect_ratio"]

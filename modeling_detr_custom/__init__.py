@@ -1,0 +1,17 @@
+"""detr-custom: DETR as a Hugging Face Hub remote-code plugin.
+
+Importing the installed package registers the classes with transformers' Auto classes, so an
+installed user loads saved folders without `trust_remote_code`. The files of this folder that
+the model, config and image processor import are what `save_pretrained` ships as remote code.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForObjectDetection
+
+from .configuration_detr_custom import DetrCustomConfig
+from .modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomModel
+
+AutoConfig.register(DetrCustomConfig.model_type, DetrCustomConfig, exist_ok=True)
+AutoModel.register(DetrCustomConfig, DetrCustomModel, exist_ok=True)
+AutoModelForObjectDetection.register(DetrCustomConfig, DetrCustomForObjectDetection, exist_ok=True)
+
+__all__ = ["DetrCustomConfig", "DetrCustomModel", "DetrCustomForObjectDetection"]

@@ -1,0 +1,156 @@
+"""Configuration of detr-custom: the original DETR-R50 by default (Carion et al., 2020).
+
+Field names follow transformers' `DetrConfig`; where transformers' defaults depart from the
+original DETR (attention/activation dropout, dropout on the encoder input, position embedding
+dtype), ours are the original's.
+"""
+
+from transformers import PreTrainedConfig
+
+COCO_NUM_LABELS = 91  # COCO category ids are used raw (1..90 with gaps): max id + 1
+
+# Saved with every config, so a folder loads through AutoModel as well as
+# AutoModelForObjectDetection with trust_remote_code (save_pretrained records only the saved class).
+AUTO_MAP = {
+    "AutoConfig": "configuration_detr_custom.DetrCustomConfig",
+    "AutoModel": "modeling_detr_custom.DetrCustomModel",
+    "AutoModelForObjectDetection": "modeling_detr_custom.DetrCustomForObjectDetection",
+}
+
+
+class DetrCustomConfig(PreTrainedConfig):
+    """Holds every hyper-parameter of the model and its set loss.
+
+    Args:
+        backbone: timm model name supporting `features_only=True`; only its last (stride-32)
+            feature map is used. Weights are never downloaded at construction.
+        dilation: replace the stride of the last stage by dilation (DETR-DC5, stride 16).
+        num_queries: number of object queries, i.e. the maximum number of detections per image.
+        d_model: width of the transformer.
+        encoder_layers / decoder_layers: depth of the encoder / decoder.
+        encoder_attention_heads / decoder_attention_heads: heads per attention layer.
+        encoder_ffn_dim / decoder_ffn_dim: hidden width of the feed-forward blocks.
+        dropout: dropout on every residual branch.
+        attention_dropout: dropout on the attention weights.
+        activation_dropout: dropout after the feed-forward activation.
+        activation_function: "relu" (the original) or "gelu".
+        position_embedding_type: "sine" (the original) or "learned".
+        auxiliary_loss: add the set loss after every decoder layer, as the paper trains.
+        class_cost / bbox_cost / giou_cost: weights of the Hungarian matching cost.
+        bbox_loss_coefficient / giou_loss_coefficient: weights of the L1 and GIoU losses
+            (the classification loss has weight 1).
+        eos_coefficient: class weight of "no object" in the classification loss.
+        freeze_backbone_stem: freeze the backbone stem and first stage, as the original does.
+        init_xavier_std: gain of the xavier_uniform init of transformer weights.
+        id2label / label2id: class names; the class head has `num_labels + 1` outputs, the last
+            being "no object". Defaults to COCO's 91 raw ids.
+    """
+
+    model_type = "detr_custom"
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        dilation: bool = False,
+        num_queries: int = 100,
+        d_model: int = 256,
+        encoder_layers: int = 6,
+        decoder_layers: int = 6,
+        encoder_attention_heads: int = 8,
+        decoder_attention_heads: int = 8,
+        encoder_ffn_dim: int = 2048,
+        decoder_ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        activation_dropout: float = 0.1,
+        activation_function: str = "relu",
+        position_embedding_type: str = "sine",
+        auxiliary_loss: bool = True,
+        class_cost: float = 1.0,
+        bbox_cost: float = 5.0,
+        giou_cost: float = 2.0,
+        bbox_loss_coefficient: float = 5.0,
+        giou_loss_coefficient: float = 2.0,
+        eos_coefficient: float = 0.1,
+        freeze_backbone_stem: bool = True,
+        init_xavier_std: float = 1.0,
+        num_channels: int = 3,
+        **kwargs,
+    ):
+        if "id2label" not in kwargs and "num_labels" not in kwargs:
+            kwargs["num_labels"] = COCO_NUM_LABELS
+        kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
+        self.backbone = backbone
+        self.dilation = dilation
+        self.num_queries = num_queries
+        self.d_model = d_model
+        self.encoder_layers = encoder_layers
+        self.decoder_layers = decoder_layers
+        self.encoder_attention_heads = encoder_attention_heads
+        self.decoder_attention_heads = decoder_attention_heads
+        self.encoder_ffn_dim = encoder_ffn_dim
+        self.decoder_ffn_dim = decoder_ffn_dim
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+        self.activation_dropout = activation_dropout
+        self.activation_function = activation_function
+        self.position_embedding_type = position_embedding_type
+        self.auxiliary_loss = auxiliary_loss
+        self.class_cost = class_cost
+        self.bbox_cost = bbox_cost
+        self.giou_cost = giou_cost
+        self.bbox_loss_coefficient = bbox_loss_coefficient
+        self.giou_loss_coefficient = giou_loss_coefficient
+        self.eos_coefficient = eos_coefficient
+        self.freeze_backbone_stem = freeze_backbone_stem
+        self.init_xavier_std = init_xavier_std
+        self.num_channels = num_channels
+        super().__init__(**kwargs)
+        if "label2id" not in kwargs:
+            self.label2id = {name: idx for idx, name in self.id2label.items()}
+        self.validate_detr()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.encoder_attention_heads
+
+    def validate_detr(self) -> None:
+        """Raise ValueError on a combination the model cannot build."""
+        positive = ("num_queries", "d_model", "encoder_attention_heads", "decoder_attention_heads",
+                    "encoder_ffn_dim", "decoder_ffn_dim", "decoder_layers")
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+        if self.encoder_layers < 0:
+            raise ValueError(f"encoder_layers must be >= 0; got {self.encoder_layers!r}")
+        for heads in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, heads):
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by {heads} "
+                                 f"({getattr(self, heads)})")
+        if self.d_model % 2:
+            raise ValueError(f"d_model must be even (half for y, half for x positions); got {self.d_model}")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)!r}")
+        if self.activation_function not in ("relu", "gelu"):
+            raise ValueError(f"activation_function must be 'relu' or 'gelu'; got {self.activation_function!r}")
+        if self.position_embedding_type not in ("sine", "learned"):
+            raise ValueError(f"position_embedding_type must be 'sine' or 'learned'; got "
+                             f"{self.position_embedding_type!r}")
+        if not 0.0 < self.eos_coefficient <= 1.0:
+            raise ValueError(f"eos_coefficient must be in (0, 1]; got {self.eos_coefficient!r}")
+        if min(self.class_cost, self.bbox_cost, self.giou_cost) < 0 or \
+                self.class_cost + self.bbox_cost + self.giou_cost == 0:
+            raise ValueError("matching costs must be >= 0 and not all 0; got class_cost="
+                             f"{self.class_cost}, bbox_cost={self.bbox_cost}, giou_cost={self.giou_cost}")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1; got {self.num_labels}")
+
+
+DetrCustomConfig.register_for_auto_class()
+
+__all__ = ["DetrCustomConfig"]

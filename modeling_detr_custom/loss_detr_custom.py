@@ -1,0 +1,317 @@
+"""DETR's set prediction loss: box operations, Hungarian matcher and set criterion.
+
+Predictions are matched one-to-one to targets by `scipy.optimize.linear_sum_assignment`
+on a cost of class probability, L1 box distance and generalised IoU, separately for every
+decoder layer; the loss is cross entropy with a down-weighted "no object" class plus L1 and
+GIoU on the matched boxes. Everything is batched over decoder layers: the cost matrices of
+all layers reach the CPU in one transfer, and the losses of all layers are computed at once.
+
+Box formats: `cxcywh` is (centre x, centre y, width, height), `xyxy` is (x0, y0, x1, y1);
+all boxes here are normalised by the unpadded image size, i.e. in [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+# ----------------------------------------------------------------------------- box operations
+
+
+def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """(..., 4) cxcywh -> (..., 4) xyxy."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    """(..., 4) xyxy -> (..., 4) cxcywh."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), dim=-1)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """(..., 4) xyxy -> (...) area."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise generalised IoU (Rezatofighi et al., 2019).
+
+    Args:
+        boxes1: (..., N, 4) xyxy.
+        boxes2: (M, 4) xyxy.
+    Returns:
+        (..., N, M) GIoU in [-1, 1]. Degenerate boxes (x1 < x0) give wrong values: targets are
+        checked by `check_label_values`, predictions are valid by construction (sigmoid).
+    """
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    lt = torch.max(boxes1[..., :, None, :2], boxes2[:, :2])  # (..., N, M, 2)
+    rb = torch.min(boxes1[..., :, None, 2:], boxes2[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area1[..., :, None] + area2 - inter
+    iou = inter / union
+    lt_hull = torch.min(boxes1[..., :, None, :2], boxes2[:, :2])
+    rb_hull = torch.max(boxes1[..., :, None, 2:], boxes2[:, 2:])
+    hull = (rb_hull - lt_hull).clamp(min=0).prod(-1)
+    return iou - (hull - union) / hull
+
+
+def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """GIoU of matched pairs: boxes1 (N, 4) xyxy, boxes2 (N, 4) xyxy -> (N,)."""
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    inter = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2]))
+    inter = inter.clamp(min=0).prod(-1)
+    union = area1 + area2 - inter
+    hull = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2]))
+    hull = hull.clamp(min=0).prod(-1)
+    return inter / union - (hull - union) / hull
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def check_label_structure(labels: list[dict], batch_size: int) -> None:
+    """Raise ValueError unless `labels` holds one dict per image with `class_labels` (n,) and
+    `boxes` (n, 4). Shapes only: values are checked by `check_label_values` on the CPU."""
+    if not isinstance(labels, (list, tuple)) or len(labels) != batch_size:
+        got = len(labels) if isinstance(labels, (list, tuple)) else type(labels).__name__
+        raise ValueError(f"labels must be a list with one dict per image ({batch_size}); got {got}")
+    for i, target in enumerate(labels):
+        if not isinstance(target, dict) or "class_labels" not in target or "boxes" not in target:
+            got = sorted(target) if isinstance(target, dict) else type(target).__name__
+            raise ValueError(f"labels[{i}] must be a dict with 'class_labels' (n,) and 'boxes' (n, 4); got {got}")
+        classes, boxes = target["class_labels"], target["boxes"]
+        if boxes.ndim != 2 or boxes.shape[-1] != 4 or tuple(classes.shape) != tuple(boxes.shape[:1]):
+            raise ValueError(f"labels[{i}]: 'boxes' must be (n, 4) and 'class_labels' (n,); got "
+                             f"{tuple(boxes.shape)} and {tuple(classes.shape)}")
+
+
+def check_label_values(classes: Tensor, boxes: Tensor, sizes: list[int], num_labels: int) -> None:
+    """Raise ValueError naming the image and value of a target the loss cannot use.
+
+    Args:
+        classes: (T,) class ids of all images concatenated, on the CPU; must be in [0, num_labels).
+        boxes: (T, 4) normalised cxcywh on the CPU; must be in [0, 1] with w, h > 0 (NaN fails).
+        sizes: number of targets of each image.
+    """
+    for i, (c, b) in enumerate(zip(classes.split(sizes), boxes.split(sizes))):
+        bad_box = ~(((b >= 0) & (b <= 1)).all(-1) & (b[:, 2:] > 0).all(-1))
+        if bad_box.any():
+            raise ValueError(f"labels[{i}]['boxes'] must be normalised (cx, cy, w, h) in [0, 1] "
+                             f"with w, h > 0; got {b[bad_box][0].tolist()}")
+        bad_class = (c < 0) | (c >= num_labels)
+        if bad_class.any():
+            raise ValueError(f"labels[{i}]['class_labels'] must be in [0, {num_labels}) "
+                             f"(num_labels); got {int(c[bad_class][0])}")
+
+
+# ----------------------------------------------------------------------------- matcher
+
+
+class HungarianMatcher(torch.nn.Module):
+    """One-to-one assignment of predictions to targets, for every decoder layer at once.
+
+    cost = class_cost * (-p[target class]) + bbox_cost * L1(cxcywh) + giou_cost * (-GIoU(xyxy)).
+    """
+
+    def __init__(self, class_cost: float = 1.0, bbox_cost: float = 5.0, giou_cost: float = 2.0):
+        super().__init__()
+        self.class_cost, self.bbox_cost, self.giou_cost = class_cost, bbox_cost, giou_cost
+
+    @torch.no_grad()
+    def cost_matrix(self, logits: Tensor, pred_boxes: Tensor, target_classes: Tensor,
+                    target_boxes: Tensor) -> Tensor:
+        """Matching cost of every prediction against every target of the batch.
+
+        Args:
+            logits: (L, B, Q, C + 1) class logits of L decoder layers.
+            pred_boxes: (L, B, Q, 4) normalised cxcywh.
+            target_classes: (T,) class ids of all targets of the batch, concatenated.
+            target_boxes: (T, 4) normalised cxcywh.
+        Returns:
+            (L, B, Q, T) cost; only the columns of an image's own targets are used.
+        """
+        prob = logits.float().softmax(-1)
+        pred_boxes = pred_boxes.float()
+        cost_class = -prob[..., target_classes]
+        cost_bbox = (pred_boxes[..., None, :] - target_boxes).abs().sum(-1)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
+        return self.bbox_cost * cost_bbox + self.class_cost * cost_class + self.giou_cost * cost_giou
+
+    @torch.no_grad()
+    def forward(self, logits: Tensor, pred_boxes: Tensor, labels: list[dict]) -> list[list[tuple]]:
+        """Hungarian matching per decoder layer and image.
+
+        Args:
+            logits: (L, B, Q, C + 1); pred_boxes: (L, B, Q, 4) normalised cxcywh.
+            labels: B dicts with `class_labels` (n_b,) and `boxes` (n_b, 4) normalised cxcywh.
+        Returns:
+            matches[l][b] = (query_indices, target_indices), two int64 numpy arrays of length
+            min(Q, n_b), sorted by query index.
+        """
+        num_queries = logits.shape[2]
+        sizes = [len(t["boxes"]) for t in labels]
+        for b, n in enumerate(sizes):
+            if n > num_queries:
+                raise ValueError(f"image {b} has {n} target boxes but the model has only "
+                                 f"{num_queries} queries (num_queries); raise num_queries")
+        if sum(sizes) == 0:
+            empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+            return [[empty] * len(sizes) for _ in range(logits.shape[0])]
+        target_classes = torch.cat([t["class_labels"] for t in labels]).to(logits.device)
+        target_boxes = torch.cat([t["boxes"] for t in labels]).to(logits.device, torch.float32)
+        # Clamped so a bad id cannot trigger a device-side assert before it is reported below.
+        safe_classes = target_classes.clamp(0, logits.shape[-1] - 1)
+        cost = self.cost_matrix(logits, pred_boxes, safe_classes, target_boxes)
+        # One device-to-host transfer for the cost of every layer and the targets to check.
+        packed = torch.cat([cost.flatten(), target_classes.float(), target_boxes.flatten()]).cpu()
+        cost, classes, boxes = packed.split([cost.numel(), len(target_classes), target_boxes.numel()])
+        check_label_values(classes, boxes.view(-1, 4), sizes, logits.shape[-1] - 1)
+        cost = cost.view(*logits.shape[:3], -1)
+        if not torch.isfinite(cost).all():
+            raise ValueError("the matching cost is not finite: the model's predictions contain "
+                             "NaN or Inf (check the learning rate, the inputs and the loss scale)")
+        columns = cost.split(sizes, dim=-1)  # B blocks of (L, B, Q, n_b)
+        return [[self._assign(columns[b][layer, b]) for b in range(len(sizes))]
+                for layer in range(cost.shape[0])]
+
+    @staticmethod
+    def _assign(cost: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """cost: (Q, n) for one image and layer -> (query_indices, target_indices)."""
+        rows, cols = linear_sum_assignment(cost.numpy())
+        return rows.astype(np.int64), cols.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- criterion
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def global_num_boxes(labels: list[dict], device: torch.device) -> Tensor:
+    """Average number of target boxes per process, clamped to >= 1: a scalar float tensor.
+
+    Summed over all processes, divided by the world size once (transformers 5.23 divides
+    twice), so N processes give the same box-loss gradients as one process with the whole batch.
+    """
+    num_boxes = torch.tensor(float(sum(len(t["class_labels"]) for t in labels)), device=device)
+    world_size = _world_size()
+    if world_size > 1:
+        torch.distributed.all_reduce(num_boxes)
+    return (num_boxes / world_size).clamp(min=1)
+
+
+class SetCriterion(torch.nn.Module):
+    """DETR's loss: Hungarian matching, then CE + L1 + GIoU for every decoder layer."""
+
+    def __init__(self, num_labels: int, matcher: HungarianMatcher, eos_coefficient: float = 0.1,
+                 bbox_loss_coefficient: float = 5.0, giou_loss_coefficient: float = 2.0):
+        super().__init__()
+        self.num_labels = num_labels
+        self.matcher = matcher
+        self.weight_dict = {"loss_ce": 1.0, "loss_bbox": bbox_loss_coefficient,
+                            "loss_giou": giou_loss_coefficient}
+        class_weight = torch.ones(num_labels + 1)
+        class_weight[-1] = eos_coefficient
+        self.register_buffer("class_weight", class_weight, persistent=False)
+
+    def forward(self, logits: Tensor, pred_boxes: Tensor, labels: list[dict]) -> tuple[Tensor, dict]:
+        """Weighted total loss and its terms.
+
+        Args:
+            logits: (L, B, Q, C + 1) class logits of the L decoder layers used for the loss
+                (the last one is the final output); the last class is "no object".
+            pred_boxes: (L, B, Q, 4) normalised cxcywh.
+            labels: B dicts with `class_labels` (n_b,) int64 and `boxes` (n_b, 4) normalised
+                cxcywh, on the device of the predictions.
+        Returns:
+            (loss, loss_dict): loss is a scalar; loss_dict holds `loss_ce`, `loss_bbox`,
+            `loss_giou`, `cardinality_error`, `class_error` for the last layer and
+            `loss_ce_i`, `loss_bbox_i`, `loss_giou_i` for the earlier layers i = 0..L-2.
+        """
+        check_label_structure(labels, logits.shape[1])
+        matches = self.matcher(logits, pred_boxes, labels)
+        layer_idx, batch_idx, query_idx, target_idx = self._flatten(matches, labels, logits.device)
+        num_boxes = global_num_boxes(labels, logits.device)
+        target_classes = torch.cat([t["class_labels"] for t in labels]).to(logits.device)
+        target_boxes = torch.cat([t["boxes"] for t in labels]).to(logits.device, torch.float32)
+
+        loss_ce = self._loss_labels(logits, layer_idx, batch_idx, query_idx, target_classes[target_idx])
+        loss_bbox, loss_giou = self._loss_boxes(pred_boxes, layer_idx, batch_idx, query_idx,
+                                                target_boxes[target_idx], num_boxes)
+        terms = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        loss = sum(self.weight_dict[k] * v.sum() for k, v in terms.items())
+        loss_dict = self._name_terms(terms)
+        last = layer_idx == logits.shape[0] - 1
+        loss_dict.update(self._logged_metrics(logits[-1], labels, batch_idx[last], query_idx[last],
+                                              target_classes[target_idx[last]]))
+        return loss, loss_dict
+
+    @staticmethod
+    def _flatten(matches: list[list[tuple]], labels: list[dict], device) -> tuple[Tensor, ...]:
+        """Matches of every layer as four (M,) index tensors: layer, image, query, target.
+
+        `target` indexes the targets of the whole batch concatenated.
+        """
+        offsets = np.cumsum([0] + [len(t["boxes"]) for t in labels])
+        parts = [(np.full(len(q), l), np.full(len(q), b), q, t + offsets[b])
+                 for l, per_image in enumerate(matches) for b, (q, t) in enumerate(per_image)]
+        stacked = np.concatenate([np.stack(p) for p in parts], axis=1)  # (4, M)
+        return tuple(torch.from_numpy(stacked).to(device, non_blocking=True))
+
+    def _loss_labels(self, logits: Tensor, layer_idx: Tensor, batch_idx: Tensor, query_idx: Tensor,
+                     matched_classes: Tensor) -> Tensor:
+        """(L,) weighted-mean cross entropy per layer; unmatched queries target "no object"."""
+        target = torch.full(logits.shape[:3], self.num_labels, dtype=torch.long, device=logits.device)
+        target[layer_idx, batch_idx, query_idx] = matched_classes
+        weight = self.class_weight.to(logits.device)
+        nll = F.cross_entropy(logits.flatten(0, 2).float(), target.flatten(), weight=weight,
+                              reduction="none").view(logits.shape[0], -1)  # (L, B*Q), weighted
+        return nll.sum(1) / weight[target].view(logits.shape[0], -1).sum(1)
+
+    @staticmethod
+    def _loss_boxes(pred_boxes: Tensor, layer_idx: Tensor, batch_idx: Tensor, query_idx: Tensor,
+                    matched_boxes: Tensor, num_boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """(L,) L1 and (L,) 1 - GIoU per layer, summed over matched pairs / num_boxes."""
+        num_layers = pred_boxes.shape[0]
+        src = pred_boxes[layer_idx, batch_idx, query_idx].float()  # (M, 4)
+        l1 = (src - matched_boxes).abs().sum(-1)
+        giou = 1 - paired_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(matched_boxes))
+        zeros = pred_boxes.new_zeros(num_layers, dtype=torch.float32)
+        return (zeros.index_add(0, layer_idx, l1) / num_boxes,
+                zeros.index_add(0, layer_idx, giou) / num_boxes)
+
+    @staticmethod
+    def _name_terms(terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{name: (L,)} -> {name: last layer, name_i: layer i} as in the original code."""
+        named = {}
+        for name, per_layer in terms.items():
+            named[name] = per_layer[-1]
+            for i in range(per_layer.shape[0] - 1):
+                named[f"{name}_{i}"] = per_layer[i]
+        return named
+
+    @torch.no_grad()
+    def _logged_metrics(self, logits: Tensor, labels: list[dict], batch_idx: Tensor,
+                        query_idx: Tensor, matched_classes: Tensor) -> dict:
+        """Cardinality error and class error (in %) of the last layer; not used for gradients.
+
+        logits: (B, Q, C + 1) of the last layer; batch_idx, query_idx, matched_classes: (M,)
+        its matched pairs.
+        """
+        counts = torch.tensor([len(t["class_labels"]) for t in labels], device=logits.device)
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
+        cardinality_error = (predicted.float() - counts.float()).abs().mean()
+        matched = logits[batch_idx, query_idx]
+        if len(matched):
+            accuracy = (matched.argmax(-1) == matched_classes).float().mean() * 100
+        else:
+            accuracy = logits.new_tensor(100.0, dtype=torch.float32)
+        return {"cardinality_error": cardinality_error, "class_error": 100 - accuracy}

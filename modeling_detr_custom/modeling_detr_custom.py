@@ -1,0 +1,550 @@
+"""DETR: End-to-End Object Detection with Transformers (Carion et al., 2020).
+
+Reads top to bottom like the paper: a CNN backbone (timm) gives a stride-32 feature map, a
+1x1 convolution projects it to `d_model`, a sine position encoding is added to queries and
+keys at every attention layer, a post-norm transformer encoder-decoder turns a fixed set of
+learned object queries into detections, and shared class/box heads read every decoder layer.
+The set loss (Hungarian matching) lives in `loss_detr_custom.py`.
+
+Shapes: B = batch, H x W = padded image size, h x w = feature map size (H/32 x W/32),
+N = h * w, Q = num_queries, d = d_model, L = decoder layers, C = num_labels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import freeze_batch_norm_2d
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .configuration_detr_custom import DetrCustomConfig
+from .loss_detr_custom import HungarianMatcher, SetCriterion
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class DetrCustomModelOutput(ModelOutput):
+    """Output of `DetrCustomModel`.
+
+    Args:
+        last_hidden_state: (B, Q, d) final decoder output, after the decoder LayerNorm.
+        intermediate_hidden_states: (L, B, Q, d) every decoder layer's output after the shared
+            decoder LayerNorm (the last entry equals `last_hidden_state`).
+        encoder_last_hidden_state: (B, N, d) encoder output ("memory").
+        encoder_hidden_states: with `output_hidden_states`, encoder input and every layer's
+            output, each (B, N, d).
+        decoder_hidden_states: with `output_hidden_states`, decoder input (zeros) and every
+            layer's output before the decoder LayerNorm, each (B, Q, d).
+        encoder_attentions / decoder_attentions / cross_attentions: with `output_attentions`,
+            per layer (B, heads, N, N) / (B, heads, Q, Q) / (B, heads, Q, N).
+        mask: (B, h, w) bool, True on padding, the padding mask at feature-map resolution.
+    """
+
+    last_hidden_state: Tensor | None = None
+    intermediate_hidden_states: Tensor | None = None
+    encoder_last_hidden_state: Tensor | None = None
+    encoder_hidden_states: tuple[Tensor, ...] | None = None
+    decoder_hidden_states: tuple[Tensor, ...] | None = None
+    encoder_attentions: tuple[Tensor, ...] | None = None
+    decoder_attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
+    mask: Tensor | None = None
+
+
+@dataclass
+class DetrCustomObjectDetectionOutput(ModelOutput):
+    """Output of `DetrCustomForObjectDetection`.
+
+    Args:
+        loss: scalar total loss (with `labels`): 1 * CE + bbox_loss_coefficient * L1 +
+            giou_loss_coefficient * GIoU, summed over the final and auxiliary layers.
+        loss_dict: the unweighted terms: `loss_ce`, `loss_bbox`, `loss_giou` (final layer),
+            `loss_ce_i`, ... (decoder layer i, with `auxiliary_loss`), `cardinality_error`,
+            `class_error` (logged only).
+        logits: (B, Q, C + 1) class logits; the last class is "no object".
+        pred_boxes: (B, Q, 4) normalised (cx, cy, w, h), relative to each image's UNPADDED size.
+        auxiliary_outputs: with `auxiliary_loss`, L - 1 dicts {"logits", "pred_boxes"} of the
+            earlier decoder layers, shaped as above.
+        last_hidden_state: (B, Q, d) final decoder output after the decoder LayerNorm.
+        Other fields: as in `DetrCustomModelOutput`.
+    """
+
+    loss: Tensor | None = None
+    loss_dict: dict | None = None
+    logits: Tensor | None = None
+    pred_boxes: Tensor | None = None
+    auxiliary_outputs: list[dict] | None = None
+    last_hidden_state: Tensor | None = None
+    intermediate_hidden_states: Tensor | None = None
+    encoder_last_hidden_state: Tensor | None = None
+    encoder_hidden_states: tuple[Tensor, ...] | None = None
+    decoder_hidden_states: tuple[Tensor, ...] | None = None
+    encoder_attentions: tuple[Tensor, ...] | None = None
+    decoder_attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------- backbone
+
+
+def create_timm_backbone(config: DetrCustomConfig, pretrained: bool = False, **kwargs) -> nn.Module:
+    """A timm model returning only its last feature map; never downloads unless `pretrained`."""
+    extra = {"output_stride": 16} if config.dilation else {}
+    return timm.create_model(config.backbone, pretrained=pretrained, features_only=True,
+                             out_indices=(-1,), in_chans=config.num_channels, **extra, **kwargs)
+
+
+class DetrCustomBackbone(nn.Module):
+    """timm CNN with every BatchNorm frozen (statistics and affine as buffers).
+
+    With `freeze_backbone_stem`, the stem and first stage get no gradient, as in the original.
+    """
+
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__()
+        body = create_timm_backbone(config)
+        self.first_stage = body.feature_info.info[1]["module"].replace(".", "_")
+        self.body = freeze_batch_norm_2d(body)
+        self.num_channels = body.feature_info.channels()[-1]
+        if config.freeze_backbone_stem:
+            self.freeze_stem()
+
+    def freeze_stem(self) -> None:
+        """Stop gradients to every module up to and including the first stage."""
+        names = [name for name, _ in self.body.named_children()]
+        if self.first_stage not in names:
+            logger.warning(f"cannot find the first stage {self.first_stage!r} in {names}; nothing frozen")
+            return
+        for name, child in self.body.named_children():
+            child.requires_grad_(False)
+            if name == self.first_stage:
+                break
+
+    def forward(self, pixel_values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """pixel_values: (B, 3, H, W); mask: (B, H, W) bool, True on padding.
+
+        Returns the feature map (B, C_backbone, h, w) and the mask resized to it with nearest
+        interpolation, (B, h, w) bool.
+        """
+        features = self.body(pixel_values)[-1]
+        mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
+        return features, mask
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+class DetrCustomSinePositionEmbedding(nn.Module):
+    """The original sine encoding, always computed in float32.
+
+    Positions are the cumulative count of unpadded cells divided by the image's own extent, so
+    every image's valid area spans [0, 2*pi] whatever the padding.
+    """
+
+    def __init__(self, num_position_features: int = 128, temperature: float = 10000.0):
+        super().__init__()
+        self.num_position_features = num_position_features
+        self.temperature = temperature
+        self.scale = 2 * math.pi
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """mask: (B, h, w) bool, True on padding -> (B, 2 * num_position_features, h, w) float32."""
+        not_mask = ~mask
+        y_embed = not_mask.cumsum(1, dtype=torch.float32)
+        x_embed = not_mask.cumsum(2, dtype=torch.float32)
+        eps = 1e-6
+        y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
+        x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+        n = self.num_position_features
+        dim_t = torch.arange(n, dtype=torch.float32, device=mask.device)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / n)
+        pos_x = x_embed[..., None] / dim_t  # (B, h, w, n)
+        pos_y = y_embed[..., None] / dim_t
+        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+class DetrCustomLearnedPositionEmbedding(nn.Module):
+    """Learned absolute row/column embeddings for feature maps up to 50 x 50 (the original's option)."""
+
+    def __init__(self, num_position_features: int = 128, max_size: int = 50):
+        super().__init__()
+        self.row_embeddings = nn.Embedding(max_size, num_position_features)
+        self.column_embeddings = nn.Embedding(max_size, num_position_features)
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """mask: (B, h, w) -> (B, 2 * num_position_features, h, w); padding is ignored."""
+        (batch, h, w), device = mask.shape, mask.device
+        x_emb = self.column_embeddings(torch.arange(w, device=device))  # (w, n)
+        y_emb = self.row_embeddings(torch.arange(h, device=device))  # (h, n)
+        pos = torch.cat([x_emb[None].expand(h, w, -1), y_emb[:, None].expand(h, w, -1)], dim=-1)
+        return pos.permute(2, 0, 1)[None].expand(batch, -1, -1, -1).float()
+
+
+# ----------------------------------------------------------------------------- transformer
+
+
+class DetrCustomAttention(nn.Module):
+    """Multi-head attention through `scaled_dot_product_attention`.
+
+    Parameters use nn.MultiheadAttention's layout (in_proj_weight (3d, d) = [W_q; W_k; W_v]),
+    the original's, so its checkpoints load as they are. When query and key are the same
+    tensor (self-attention: q = k = x + pos) both projections are one matmul.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.d_model, self.num_heads, self.dropout = d_model, num_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """query: (B, Lq, d); key, value: (B, Lk, d); attn_mask: (B, 1, 1, Lk) bool, True = attend.
+
+        Returns the output (B, Lq, d) and, with `need_weights`, the weights (B, heads, Lq, Lk).
+        """
+        d, w, b = self.d_model, self.in_proj_weight, self.in_proj_bias
+        if query is key:
+            q, k = F.linear(query, w[: 2 * d], b[: 2 * d]).chunk(2, dim=-1)
+        else:
+            q, k = F.linear(query, w[:d], b[:d]), F.linear(key, w[d: 2 * d], b[d: 2 * d])
+        v = F.linear(value, w[2 * d:], b[2 * d:])
+        q, k, v = (x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for x in (q, k, v))  # (B, heads, L, d/heads)
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            out, weights = self._attention_with_weights(q, k, v, attn_mask, dropout)
+        else:
+            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout), None
+        return self.out_proj(out.transpose(1, 2).flatten(2)), weights
+
+    @staticmethod
+    def _attention_with_weights(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
+                                dropout: float) -> tuple[Tensor, Tensor]:
+        """Explicit softmax attention, only to return the weights (B, heads, Lq, Lk)."""
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        weights = scores.softmax(-1)
+        return F.dropout(weights, dropout) @ v, weights
+
+
+class DetrCustomFeedForward(nn.Module):
+    """Linear -> activation -> dropout -> Linear."""
+
+    def __init__(self, d_model: int, ffn_dim: int, activation: str, activation_dropout: float):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_model, ffn_dim), nn.Linear(ffn_dim, d_model)
+        self.activation = F.relu if activation == "relu" else F.gelu
+        self.activation_dropout = nn.Dropout(activation_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation_dropout(self.activation(self.fc1(x))))
+
+
+class DetrCustomEncoderLayer(nn.Module):
+    """Post-norm encoder layer; positions are added to queries and keys only."""
+
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__()
+        d = config.d_model
+        self.self_attn = DetrCustomAttention(d, config.encoder_attention_heads, config.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.mlp = DetrCustomFeedForward(d, config.encoder_ffn_dim, config.activation_function,
+                                         config.activation_dropout)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, src: Tensor, pos: Tensor, attn_mask: Tensor,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """src, pos: (B, N, d); attn_mask: (B, 1, 1, N) bool, True on real pixels."""
+        q = k = src + pos
+        attended, weights = self.self_attn(q, k, src, attn_mask, need_weights)
+        src = self.self_attn_layer_norm(src + self.dropout(attended))
+        src = self.final_layer_norm(src + self.dropout(self.mlp(src)))
+        return src, weights
+
+
+class DetrCustomDecoderLayer(nn.Module):
+    """Post-norm decoder layer: self-attention between queries, cross-attention to the image."""
+
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__()
+        d, heads = config.d_model, config.decoder_attention_heads
+        self.self_attn = DetrCustomAttention(d, heads, config.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn = DetrCustomAttention(d, heads, config.attention_dropout)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.mlp = DetrCustomFeedForward(d, config.decoder_ffn_dim, config.activation_function,
+                                         config.activation_dropout)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor, attn_mask: Tensor,
+                need_weights: bool = False) -> tuple[Tensor, tuple]:
+        """tgt, query_pos: (B, Q, d); memory, pos: (B, N, d); attn_mask: (B, 1, 1, N) bool."""
+        q = k = tgt + query_pos
+        attended, self_weights = self.self_attn(q, k, tgt, None, need_weights)
+        tgt = self.self_attn_layer_norm(tgt + self.dropout(attended))
+        attended, cross_weights = self.encoder_attn(tgt + query_pos, memory + pos, memory, attn_mask,
+                                                    need_weights)
+        tgt = self.encoder_attn_layer_norm(tgt + self.dropout(attended))
+        tgt = self.final_layer_norm(tgt + self.dropout(self.mlp(tgt)))
+        return tgt, (self_weights, cross_weights)
+
+
+class DetrCustomEncoder(nn.Module):
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(DetrCustomEncoderLayer(config) for _ in range(config.encoder_layers))
+
+    def forward(self, src: Tensor, pos: Tensor, attn_mask: Tensor, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> tuple[Tensor, tuple | None, tuple | None]:
+        """src, pos: (B, N, d) -> memory (B, N, d), hidden states, attention weights."""
+        states, attentions = (src,) if output_hidden_states else None, () if output_attentions else None
+        for layer in self.layers:
+            src, weights = layer(src, pos, attn_mask, output_attentions)
+            states = states + (src,) if output_hidden_states else None
+            attentions = attentions + (weights,) if output_attentions else None
+        return src, states, attentions
+
+
+class DetrCustomDecoder(nn.Module):
+    """Decoder layers plus one shared LayerNorm.
+
+    The norm is applied to a copy of every layer's output, for the heads; the running state
+    that feeds the next layer is never normalised (transformers 5.23 departs from this with
+    `auxiliary_loss=True`).
+    """
+
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(DetrCustomDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.layernorm = nn.LayerNorm(config.d_model)
+
+    def forward(self, query_pos: Tensor, memory: Tensor, pos: Tensor, attn_mask: Tensor,
+                output_hidden_states: bool = False, output_attentions: bool = False) -> tuple:
+        """query_pos: (B, Q, d); memory, pos: (B, N, d).
+
+        Returns (L, B, Q, d) normalised outputs of every layer, hidden states, self- and
+        cross-attention weights.
+        """
+        tgt = torch.zeros_like(query_pos)
+        normed, states = [], (tgt,) if output_hidden_states else None
+        self_attns, cross_attns = ((), ()) if output_attentions else (None, None)
+        for layer in self.layers:
+            tgt, (self_w, cross_w) = layer(tgt, query_pos, memory, pos, attn_mask, output_attentions)
+            normed.append(self.layernorm(tgt))
+            states = states + (tgt,) if output_hidden_states else None
+            if output_attentions:
+                self_attns, cross_attns = self_attns + (self_w,), cross_attns + (cross_w,)
+        return torch.stack(normed), states, self_attns, cross_attns
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class DetrCustomPreTrainedModel(PreTrainedModel):
+    config_class = DetrCustomConfig
+    config: DetrCustomConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["DetrCustomEncoderLayer", "DetrCustomDecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The original's init, applied to our own modules only (timm owns the backbone's).
+
+        xavier_uniform on every transformer weight of dim > 1; the input projection, query
+        embeddings and heads keep PyTorch's defaults.
+        """
+        gain = self.config.init_xavier_std
+        if isinstance(module, DetrCustomAttention):
+            init.xavier_uniform_(module.in_proj_weight, gain=gain)
+            init.zeros_(module.in_proj_bias)
+            init.xavier_uniform_(module.out_proj.weight, gain=gain)
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, DetrCustomFeedForward):
+            for linear in (module.fc1, module.fc2):
+                linear.reset_parameters()
+                init.xavier_uniform_(linear.weight, gain=gain)
+        elif isinstance(module, (DetrCustomEncoderLayer, DetrCustomDecoderLayer, DetrCustomDecoder)):
+            for child in module.children():
+                if isinstance(child, nn.LayerNorm):
+                    child.reset_parameters()
+        elif isinstance(module, DetrCustomLearnedPositionEmbedding):
+            init.uniform_(module.row_embeddings.weight)
+            init.uniform_(module.column_embeddings.weight)
+        elif isinstance(module, DetrCustomModel):
+            module.input_projection.reset_parameters()
+            module.query_position_embeddings.reset_parameters()
+        elif isinstance(module, DetrCustomForObjectDetection):
+            module.class_labels_classifier.reset_parameters()
+            for linear in module.bbox_predictor.layers:
+                linear.reset_parameters()
+        elif isinstance(module, SetCriterion):
+            init.copy_(module.class_weight, class_weights(self.config))
+
+
+def class_weights(config: DetrCustomConfig) -> Tensor:
+    """(C + 1,) cross-entropy class weights: 1, and `eos_coefficient` for "no object"."""
+    weight = torch.ones(config.num_labels + 1)
+    weight[-1] = config.eos_coefficient
+    return weight
+
+
+class DetrCustomModel(DetrCustomPreTrainedModel):
+    """Backbone + positions + transformer; returns the decoder's hidden states."""
+
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__(config)
+        self.backbone = DetrCustomBackbone(config)
+        self.input_projection = nn.Conv2d(self.backbone.num_channels, config.d_model, kernel_size=1)
+        position = (DetrCustomSinePositionEmbedding if config.position_embedding_type == "sine"
+                    else DetrCustomLearnedPositionEmbedding)
+        self.position_embedding = position(config.d_model // 2)
+        self.query_position_embeddings = nn.Embedding(config.num_queries, config.d_model)
+        self.encoder = DetrCustomEncoder(config)
+        self.decoder = DetrCustomDecoder(config)
+        self.post_init()
+
+    def load_pretrained_backbone(self, checkpoint: str | os.PathLike | None = None) -> None:
+        """Load ImageNet weights into the backbone, explicitly (construction never downloads).
+
+        Args:
+            checkpoint: None to fetch the timm weights of `config.backbone` from the Hub, or a
+                local file (.safetensors / .pth / .bin) with a timm state dict of that model.
+        """
+        overlay = {}
+        if checkpoint is not None:
+            if not os.path.isfile(checkpoint):
+                raise FileNotFoundError(f"backbone checkpoint {str(checkpoint)!r} is not a file")
+            overlay = {"pretrained_cfg_overlay": {"file": os.fspath(checkpoint)}}
+        source = create_timm_backbone(self.config, pretrained=True, **overlay)
+        self.backbone.body.load_state_dict(source.state_dict())
+
+    def _check_inputs(self, pixel_values: Tensor, pixel_mask: Tensor | None) -> None:
+        channels = self.config.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(f"pixel_values must be (batch, {channels}, height, width); got "
+                             f"{tuple(pixel_values.shape)}")
+        if pixel_mask is not None and pixel_mask.shape != (pixel_values.shape[0], *pixel_values.shape[2:]):
+            raise ValueError(f"pixel_mask must be (batch, height, width) = "
+                             f"{(pixel_values.shape[0], *pixel_values.shape[2:])} like pixel_values; "
+                             f"got {tuple(pixel_mask.shape)}")
+
+    def forward(self, pixel_values: Tensor, pixel_mask: Tensor | None = None,
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+                return_dict: bool | None = None, **kwargs) -> DetrCustomModelOutput | tuple:
+        """
+        Args:
+            pixel_values: (B, 3, H, W) normalised images, zero-padded bottom/right.
+            pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; None = no padding.
+        """
+        self._check_inputs(pixel_values, pixel_mask)
+        if pixel_mask is None:
+            padding = pixel_values.new_zeros(pixel_values.shape[0], *pixel_values.shape[2:], dtype=torch.bool)
+        else:
+            padding = pixel_mask == 0
+        features, mask = self.backbone(pixel_values, padding)
+        src = self.input_projection(features).flatten(2).transpose(1, 2)  # (B, N, d)
+        pos = self.position_embedding(mask).to(src.dtype).flatten(2).transpose(1, 2)  # (B, N, d)
+        attn_mask = ~mask.flatten(1)[:, None, None, :]  # (B, 1, 1, N), True = attend
+        memory, enc_states, enc_attns = self.encoder(src, pos, attn_mask, bool(output_hidden_states),
+                                                     bool(output_attentions))
+        query_pos = self.query_position_embeddings.weight[None].expand(src.shape[0], -1, -1)
+        normed, dec_states, self_attns, cross_attns = self.decoder(
+            query_pos, memory, pos, attn_mask, bool(output_hidden_states), bool(output_attentions))
+        output = DetrCustomModelOutput(
+            last_hidden_state=normed[-1], intermediate_hidden_states=normed,
+            encoder_last_hidden_state=memory, encoder_hidden_states=enc_states,
+            decoder_hidden_states=dec_states, encoder_attentions=enc_attns,
+            decoder_attentions=self_attns, cross_attentions=cross_attns, mask=mask)
+        return output if return_dict is not False else output.to_tuple()
+
+
+class DetrCustomMLP(nn.Module):
+    """Box head: `num_layers` Linear layers with ReLU between them."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
+        return x
+
+
+class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
+    """DETR: the base model plus class and box heads shared by every decoder layer, and the set loss."""
+
+    def __init__(self, config: DetrCustomConfig):
+        super().__init__(config)
+        self.model = DetrCustomModel(config)
+        self.class_labels_classifier = nn.Linear(config.d_model, config.num_labels + 1)
+        self.bbox_predictor = DetrCustomMLP(config.d_model, config.d_model, 4, num_layers=3)
+        matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost)
+        self.criterion = SetCriterion(config.num_labels, matcher, config.eos_coefficient,
+                                      config.bbox_loss_coefficient, config.giou_loss_coefficient)
+        self.post_init()
+
+    def load_pretrained_backbone(self, checkpoint: str | os.PathLike | None = None) -> None:
+        """See `DetrCustomModel.load_pretrained_backbone`."""
+        self.model.load_pretrained_backbone(checkpoint)
+
+    def forward(self, pixel_values: Tensor, pixel_mask: Tensor | None = None,
+                labels: list[dict] | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> DetrCustomObjectDetectionOutput | tuple:
+        """
+        Args:
+            pixel_values: (B, 3, H, W) normalised images, zero-padded bottom/right.
+            pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; None = no padding.
+            labels: B dicts with `class_labels` (n,) int64 in [0, num_labels) and `boxes`
+                (n, 4) normalised (cx, cy, w, h) relative to the image's UNPADDED size.
+        """
+        outputs = self.model(pixel_values, pixel_mask, output_hidden_states, output_attentions)
+        with_aux = self.config.auxiliary_loss
+        hidden = outputs.intermediate_hidden_states if with_aux else outputs.last_hidden_state[None]
+        logits = self.class_labels_classifier(hidden)  # (L or 1, B, Q, C + 1)
+        pred_boxes = self.bbox_predictor(hidden).sigmoid()  # (L or 1, B, Q, 4)
+        loss = loss_dict = None
+        if labels is not None:
+            loss, loss_dict = self.criterion(logits, pred_boxes, labels)
+        auxiliary_outputs = None
+        if with_aux:
+            auxiliary_outputs = [{"logits": lo, "pred_boxes": bo} for lo, bo in zip(logits[:-1], pred_boxes[:-1])]
+        output = DetrCustomObjectDetectionOutput(
+            loss=loss, loss_dict=loss_dict, logits=logits[-1], pred_boxes=pred_boxes[-1],
+            auxiliary_outputs=auxiliary_outputs, last_hidden_state=outputs.last_hidden_state,
+            intermediate_hidden_states=outputs.intermediate_hidden_states,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions, decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions)
+        return output if return_dict is not False else output.to_tuple()
+
+
+DetrCustomModel.register_for_auto_class("AutoModel")
+DetrCustomForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
+
+__all__ = ["DetrCustomModel", "DetrCustomForObjectDetection", "DetrCustomPreTrainedModel",
+           "DetrCustomModelOutput", "DetrCustomObjectDetectionOutput"]

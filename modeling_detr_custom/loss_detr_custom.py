@@ -248,10 +248,11 @@ class SetCriterion(torch.nn.Module):
                                                 target_boxes[target_idx], num_boxes)
         terms = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         loss = sum(self.weight_dict[k] * v.sum() for k, v in terms.items())
+        terms["cardinality_error"] = self._cardinality_error(logits, labels)
         loss_dict = self._name_terms(terms)
         last = layer_idx == logits.shape[0] - 1
-        loss_dict.update(self._logged_metrics(logits[-1], labels, batch_idx[last], query_idx[last],
-                                              target_classes[target_idx[last]]))
+        loss_dict["class_error"] = self._class_error(logits[-1], batch_idx[last], query_idx[last],
+                                                     target_classes[target_idx[last]])
         return loss, loss_dict
 
     @staticmethod
@@ -298,20 +299,22 @@ class SetCriterion(torch.nn.Module):
                 named[f"{name}_{i}"] = per_layer[i]
         return named
 
+    @staticmethod
     @torch.no_grad()
-    def _logged_metrics(self, logits: Tensor, labels: list[dict], batch_idx: Tensor,
-                        query_idx: Tensor, matched_classes: Tensor) -> dict:
-        """Cardinality error and class error (in %) of the last layer; not used for gradients.
-
-        logits: (B, Q, C + 1) of the last layer; batch_idx, query_idx, matched_classes: (M,)
-        its matched pairs.
-        """
+    def _cardinality_error(logits: Tensor, labels: list[dict]) -> Tensor:
+        """(L,) mean |number of non-"no object" predictions - number of targets| per layer (logged only)."""
         counts = torch.tensor([len(t["class_labels"]) for t in labels], device=logits.device)
-        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
-        cardinality_error = (predicted.float() - counts.float()).abs().mean()
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1)  # (L, B)
+        return (predicted.float() - counts.float()).abs().mean(-1)
+
+    @staticmethod
+    @torch.no_grad()
+    def _class_error(logits: Tensor, batch_idx: Tensor, query_idx: Tensor, matched_classes: Tensor) -> Tensor:
+        """100 - accuracy (%) of the matched predictions of the last layer (logged only).
+
+        logits: (B, Q, C + 1); batch_idx, query_idx, matched_classes: (M,) its matched pairs.
+        """
+        if len(batch_idx) == 0:
+            return logits.new_zeros((), dtype=torch.float32)
         matched = logits[batch_idx, query_idx]
-        if len(matched):
-            accuracy = (matched.argmax(-1) == matched_classes).float().mean() * 100
-        else:
-            accuracy = logits.new_tensor(100.0, dtype=torch.float32)
-        return {"cardinality_error": cardinality_error, "class_error": 100 - accuracy}
+        return 100 - (matched.argmax(-1) == matched_classes).float().mean() * 100

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny configs on CPU keep the suite fast."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the Hub
+
+from modeling_detr_custom import DetrCustomConfig  # noqa: E402
+
+
+def tiny_config(**overrides) -> DetrCustomConfig:
+    """A DETR small enough for CPU tests: timm's test_resnet, d_model 32, 1+2 layers."""
+    kwargs = dict(backbone="test_resnet", d_model=32, encoder_layers=1, decoder_layers=2,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                  decoder_ffn_dim=64, num_queries=12, id2label={0: "circle", 1: "square", 2: "triangle"})
+    kwargs.update(overrides)
+    return DetrCustomConfig(**kwargs)
+
+
+def padded_batch(seed: int = 0, sizes=((96, 128), (64, 96))) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of different sizes zero-padded bottom/right: pixel_values (B, 3, H, W), pixel_mask (B, H, W)."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    pixel_values = torch.zeros(len(sizes), 3, height, width)
+    pixel_mask = torch.zeros(len(sizes), height, width, dtype=torch.long)
+    for i, (h, w) in enumerate(sizes):
+        pixel_values[i, :, :h, :w] = torch.randn(3, h, w, generator=generator)
+        pixel_mask[i, :h, :w] = 1
+    return pixel_values, pixel_mask
+
+
+def random_labels(counts, num_labels: int = 3, seed: int = 0) -> list[dict]:
+    """One target dict per image with `counts[i]` boxes, normalised cxcywh inside [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = []
+    for n in counts:
+        wh = torch.rand(n, 2, generator=generator) * 0.4 + 0.05
+        centre = wh / 2 + torch.rand(n, 2, generator=generator) * (1 - wh)
+        labels.append({"class_labels": torch.randint(0, num_labels, (n,), generator=generator),
+                       "boxes": torch.cat([centre, wh], dim=1)})
+    return labels
+
+
+@pytest.fixture
+def config() -> DetrCustomConfig:
+    return tiny_config()

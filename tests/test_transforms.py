@@ -1,0 +1,204 @@
+"""DETR augmentation (boxes follow pixels, dropping, determinism) and the collator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
+from modeling_detr_custom.image_processing_detr_custom import get_size_with_aspect_ratio as processor_size
+from modeling_detr_custom.transforms import (
+    DEFAULT_SCALES,
+    DetectionCollator,
+    RandomSizeCrop,
+    crop,
+    get_size_with_aspect_ratio,
+    hflip,
+    make_collate_fn,
+    make_eval_transforms,
+    make_train_transforms,
+    resize,
+    scaled_train_transform_kwargs,
+)
+
+RED, GREEN = (255, 0, 0), (0, 255, 0)
+
+
+def _scene(h: int = 90, w: int = 120) -> tuple[torch.Tensor, dict]:
+    """Black uint8 (3, h, w) image with a red and a green filled rectangle; target in xyxy pixels."""
+    image = torch.zeros(3, h, w, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 60.0], [70.0, 5.0, 110.0, 35.0]])  # x0, y0, x1, y1 (x1/y1 exclusive)
+    for (x0, y0, x1, y1), colour in zip(boxes.int().tolist(), (RED, GREEN)):
+        image[:, y0:y1, x0:x1] = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
+    target = {"boxes": boxes, "labels": torch.tensor([1, 2]), "area": torch.tensor([1600.0, 1200.0]),
+              "iscrowd": torch.tensor([0, 0]), "note": "passed through"}
+    return image, target
+
+
+def _colour_box(image: torch.Tensor, colour: tuple[int, int, int]) -> list[float] | None:
+    """xyxy (x1, y1 exclusive) bounds of pixels at least half ``colour`` (on a black background,
+    so a pixel more than half covered by the shape after interpolation)."""
+    dist = (image.float() - torch.tensor(colour, dtype=torch.float32)[:, None, None]).abs().sum(0)
+    ys, xs = torch.nonzero(dist < 127.5, as_tuple=True)
+    if len(xs) == 0:
+        return None
+    return [xs.min().item(), ys.min().item(), xs.max().item() + 1.0, ys.max().item() + 1.0]
+
+
+def _assert_boxes_follow_pixels(image: torch.Tensor, target: dict, tol: float = 1.5) -> None:
+    labels = target["labels"].tolist()
+    for label, colour in ((1, RED), (2, GREEN)):
+        seen = _colour_box(image, colour)
+        if label not in labels:
+            assert seen is None or (seen[2] - seen[0]) * (seen[3] - seen[1]) <= 2, "dropped box still has pixels"
+            continue
+        box = target["boxes"][labels.index(label)].tolist()
+        assert seen is not None and max(abs(a - b) for a, b in zip(box, seen)) <= tol, (box, seen)
+
+
+def test_hflip_boxes_follow_pixels() -> None:
+    image, target = hflip(*_scene())
+    assert target["boxes"][0].tolist() == [70.0, 20.0, 110.0, 60.0]
+    _assert_boxes_follow_pixels(image, target, tol=0)
+    assert target["note"] == "passed through"
+
+
+@pytest.mark.parametrize("size,max_size", [(45, None), (200, None), (100, 110), (64, 1333)])
+def test_resize_boxes_follow_pixels(size: int, max_size: int | None) -> None:
+    image, target = resize(*_scene(), size=size, max_size=max_size)
+    h, w = image.shape[-2:]
+    assert min(h, w) == size or max(h, w) <= max_size
+    _assert_boxes_follow_pixels(image, target)
+    ratio = (w / 120) * (h / 90)
+    assert torch.allclose(target["area"], torch.tensor([1600.0, 1200.0]) * ratio)
+
+
+def test_crop_boxes_follow_pixels_and_empty_boxes_dropped() -> None:
+    image, target = crop(*_scene(), top=30, left=0, height=60, width=60)  # cuts red, misses green
+    assert image.shape == (3, 60, 60)
+    assert target["boxes"].tolist() == [[10.0, 0.0, 50.0, 30.0]]
+    assert target["labels"].tolist() == [1] and target["iscrowd"].tolist() == [0]
+    assert target["area"].tolist() == [40.0 * 30.0], "area becomes the clipped box area, as in the original"
+    _assert_boxes_follow_pixels(image, target, tol=0)
+    image, target = crop(*_scene(), top=70, left=60, height=20, width=60)  # contains no box
+    assert all(len(v) == 0 for k, v in target.items() if k != "note")
+
+
+def test_train_transforms_boxes_follow_pixels_over_many_draws() -> None:
+    t = make_train_transforms(scales=(48, 64, 80), max_size=120, crop_resize_scales=(60, 70), crop_min=30, crop_max=60)
+    outcomes = set()
+    for seed in range(40):
+        image, target = t(*_scene(), torch.Generator().manual_seed(seed))
+        _assert_boxes_follow_pixels(image, target)
+        short, long = sorted(image.shape[-2:])
+        assert long <= 120 and (short in (48, 64, 80) or long >= 116), "short side a scale unless the long side limits"
+        outcomes.add(len(target["labels"]))
+    assert outcomes >= {1, 2}, "the crop branch must sometimes drop a box"
+
+
+def test_transforms_deterministic_under_seeded_generator() -> None:
+    t = make_train_transforms(**scaled_train_transform_kwargs(90))
+    runs = [t(*_scene(), torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1]["boxes"], runs[1][1]["boxes"])
+    others = [t(*_scene(), torch.Generator().manual_seed(s)) for s in range(8, 14)]
+    assert any(o[0].shape != runs[0][0].shape or not torch.equal(o[0], runs[0][0]) for o in others)
+
+
+def test_random_size_crop_limits() -> None:
+    c = RandomSizeCrop(30, 50)
+    for seed in range(20):
+        image, _ = c(*_scene(), torch.Generator().manual_seed(seed))
+        assert 30 <= image.shape[1] <= 50 and 30 <= image.shape[2] <= 50
+    small, _ = RandomSizeCrop(384, 600)(*_scene(), torch.Generator().manual_seed(0))
+    assert small.shape[1:] == (90, 120), "min size lowered to the image side for small images"
+
+
+def test_size_rule_matches_original() -> None:
+    """Values of facebookresearch/detr's get_size_with_aspect_ratio (rounded short side first)."""
+    assert get_size_with_aspect_ratio(480, 640, 800, 1333) == (800, 1066)
+    assert get_size_with_aspect_ratio(640, 480, 800, 1333) == (1066, 800)
+    assert get_size_with_aspect_ratio(500, 3000, 800, 1333) == (222, 1332)
+    assert get_size_with_aspect_ratio(100, 1000, 800, 1333) == (133, 1330)
+    assert get_size_with_aspect_ratio(800, 1000, 800, 1333) == (800, 1000)
+    # where the long-side limit does not bind, the processor's (eval) rule is the same
+    for h, w in [(480, 640), (640, 480), (333, 500), (128, 128), (97, 203)]:
+        for size in (96, 480, 800):
+            assert get_size_with_aspect_ratio(h, w, size, 10_000) == processor_size((h, w), size, 10_000)
+
+
+def test_default_and_scaled_settings() -> None:
+    assert DEFAULT_SCALES == (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    kw = scaled_train_transform_kwargs(128)
+    assert kw["scales"][-1] == 128 and kw["max_size"] == 213 and kw["crop_resize_scales"] == (64, 80, 96)
+    image, target = _scene()
+    out_image, out_target = make_eval_transforms()(image, target)
+    assert out_image is image and out_target is target
+
+
+# ----------------------------------------------------------------------------- collator
+
+
+def _row(image_id: int, w: int, h: int, objects: list[tuple[list[float], int, int]]) -> dict:
+    """Dataset row: PIL image + objects with COCO xywh boxes (bbox, category, iscrowd)."""
+    return {"image_id": image_id, "image": Image.new("RGB", (w, h), (90, 90, 90)), "width": w, "height": h,
+            "objects": {"id": list(range(len(objects))), "area": [b[2] * b[3] for b, _, _ in objects],
+                        "bbox": [b for b, _, _ in objects], "category": [c for _, c, _ in objects],
+                        "iscrowd": [z for _, _, z in objects]}}
+
+
+def _rows() -> list[dict]:
+    return [
+        _row(1, 80, 40, [([8.0, 4.0, 40.0, 20.0], 3, 0), ([0.0, 0.0, 10.0, 10.0], 1, 1)]),  # second is crowd
+        _row(2, 30, 60, [([3.0, 6.0, 12.0, 30.0], 7, 0), ([29.0, 0.0, 5.0, 5.0], 1, 0)]),  # second clipped to 1 px
+        _row(3, 50, 50, []),  # negative image
+    ]
+
+
+def test_eval_collate_shapes_mask_and_normalised_boxes() -> None:
+    proc = DetrCustomImageProcessor(size={"shortest_edge": 40, "longest_edge": 200})
+    batch = make_collate_fn(proc, train=False)(_rows())
+    sizes = [(40, 80), (80, 40), (40, 40)]  # resized (h, w): short side 40
+    assert batch["pixel_values"].shape == (3, 3, 80, 80) and batch["pixel_mask"].shape == (3, 80, 80)
+    for mask, (h, w), labels in zip(batch["pixel_mask"], sizes, batch["labels"]):
+        assert mask.sum() == h * w and mask[:h, :w].all()
+        assert labels["size"].tolist() == [h, w]
+    first, second, third = batch["labels"]
+    assert first["class_labels"].tolist() == [3], "crowd dropped"
+    assert torch.allclose(first["boxes"], torch.tensor([[28 / 80, 14 / 40, 40 / 80, 20 / 40]]))
+    assert first["orig_size"].tolist() == [40, 80] and first["image_id"].tolist() == [1]
+    assert second["class_labels"].tolist() == [7, 1]
+    assert torch.allclose(second["boxes"], torch.tensor([[9 / 30, 21 / 60, 12 / 30, 30 / 60], [29.5 / 30, 2.5 / 60, 1 / 30, 5 / 60]]))
+    assert third["boxes"].shape == (0, 4) and third["class_labels"].shape == (0,)
+
+
+def test_train_collate_normalises_by_unpadded_size() -> None:
+    proc = DetrCustomImageProcessor()
+    t = make_train_transforms(**scaled_train_transform_kwargs(60))
+    collate = DetectionCollator(proc, t, generator=torch.Generator().manual_seed(0))
+    batch = collate(_rows())
+    assert batch["pixel_values"].dtype == torch.float32
+    for mask, labels in zip(batch["pixel_mask"], batch["labels"]):
+        h, w = labels["size"].tolist()
+        assert mask.sum() == h * w and mask[:h, :w].all(), "mask marks exactly the unpadded image"
+        assert labels["boxes"].numel() == 0 or (labels["boxes"].min() >= 0 and labels["boxes"].max() <= 1)
+    again = DetectionCollator(proc, t, generator=torch.Generator().manual_seed(0))(_rows())
+    assert torch.equal(batch["pixel_values"], again["pixel_values"]), "deterministic under a seeded generator"
+
+
+def test_train_collate_boxes_follow_pixels_through_processor() -> None:
+    """A red box through augmentation + processor: normalised cxcywh x unpadded size bounds the red pixels."""
+    proc = DetrCustomImageProcessor(do_normalize=False, do_rescale=False)
+    t = make_train_transforms(scales=(48, 64), max_size=100, crop_resize_scales=(60,), crop_min=40, crop_max=60)
+    image = Image.new("RGB", (80, 60), (0, 0, 0))
+    image.paste(RED, (20, 10, 50, 40))  # pixels x 20..49, y 10..39 -> COCO [20, 10, 30, 30]
+    row = {"image_id": 5, "image": image, "objects": {"bbox": [[20.0, 10.0, 30.0, 30.0]], "category": [1], "area": [900.0]}}
+    for seed in range(10):
+        batch = DetectionCollator(proc, t, generator=torch.Generator().manual_seed(seed))([row])
+        labels = batch["labels"][0]
+        if len(labels["boxes"]) == 0:
+            continue
+        h, w = labels["size"].tolist()
+        cx, cy, bw, bh = (labels["boxes"][0] * torch.tensor([w, h, w, h])).tolist()
+        seen = _colour_box(batch["pixel_values"][0, :, :h, :w], RED)
+        assert max(abs(a - b) for a, b in zip([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], seen)) <= 1.5

@@ -275,7 +275,10 @@ def _clean_annotations(
     """Group usable annotations by image id; clip, drop and count the rest (see REPORT_KEYS)."""
     by_image: dict[int, list[dict]] = {i: [] for i in images}
     for ann in annotations:
-        image_id, cat = int(ann["image_id"]), int(ann["category_id"])
+        try:
+            image_id, cat = int(ann["image_id"]), int(ann["category_id"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"annotation {ann!r:.200} needs integer 'image_id' and 'category_id'") from err
         if image_id not in images:
             report["orphan_annotations_dropped"] += 1
             _bad(raise_on_bad and image_id not in listed_ids, f"annotation {ann.get('id')}: unknown image_id {image_id}")
@@ -558,6 +561,19 @@ def find_split(dataset: DatasetDict, kind: Literal["train", "eval"]) -> str:
     raise ValueError(f"no {kind} split among {list(dataset)}; expected one of {candidates}")
 
 
+def objects_as_columns(objects: Mapping[str, Sequence] | Sequence[Mapping[str, Any]]) -> dict[str, list]:
+    """A row's ``objects`` as a dict of lists, whether the dataset stores a dict of lists
+    (this module, cppe-5) or a list of dicts (``List({...})`` features). Always has bbox and category."""
+    if isinstance(objects, Mapping):
+        columns = {k: list(v) for k, v in objects.items()}
+    else:
+        keys = {k for obj in objects for k in obj}
+        columns = {k: [obj.get(k) for obj in objects] for k in keys}
+    columns.setdefault("bbox", [])
+    columns.setdefault("category", [])
+    return columns
+
+
 def metric_references(dataset: datasets.Dataset, label_to_category_id: Mapping[int, int] | None = None) -> list[dict]:
     """Per-image ground truth for the COCO metric, read without decoding images.
 
@@ -569,7 +585,7 @@ def metric_references(dataset: datasets.Dataset, label_to_category_id: Mapping[i
     to_cat = (lambda label: int(label)) if label_to_category_id is None else (lambda label: int(label_to_category_id[int(label)]))
     refs = []
     for row in rows:
-        objs = row["objects"]
+        objs = objects_as_columns(row["objects"])
         boxes = [list(map(float, b)) for b in objs["bbox"]]
         area = objs.get("area") or [b[2] * b[3] for b in boxes]
         refs.append({"image_id": int(row["image_id"]), "boxes": boxes,

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from .data import objects_as_columns
+
 Target = dict[str, Any]
 Transform = Callable[[Tensor, Target, "torch.Generator | None"], "tuple[Tensor, Target]"]
 
@@ -277,13 +279,15 @@ def pil_to_uint8_chw(image: Any) -> Tensor:
     return TF.pil_to_tensor(image.convert("RGB"))
 
 
-def coco_objects_to_target(objects: Mapping[str, Sequence], height: int, width: int, drop_crowd: bool = True) -> Target:
-    """Dataset ``objects`` (bbox absolute COCO xywh) -> target with ``boxes`` (n, 4) absolute xyxy.
+def coco_objects_to_target(objects: Mapping[str, Sequence] | Sequence[Mapping], height: int, width: int, drop_crowd: bool = True) -> Target:
+    """Dataset ``objects`` (bbox absolute COCO xywh; dict of lists or list of dicts) -> target
+    with ``boxes`` (n, 4) absolute xyxy.
 
     As the original DETR: crowd boxes are dropped (if ``drop_crowd``), boxes are clipped to the
     image and boxes with zero width or height are dropped. Returns ``boxes`` float32 (n, 4),
     ``labels`` int64 (n,), ``area`` float32 (n,), ``iscrowd`` int64 (n,).
     """
+    objects = objects_as_columns(objects)
     n = len(objects["bbox"])
     boxes = torch.tensor(objects["bbox"], dtype=torch.float32).reshape(n, 4)
     boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy

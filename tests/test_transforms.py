@@ -202,3 +202,15 @@ def test_train_collate_boxes_follow_pixels_through_processor() -> None:
         cx, cy, bw, bh = (labels["boxes"][0] * torch.tensor([w, h, w, h])).tolist()
         seen = _colour_box(batch["pixel_values"][0, :, :h, :w], RED)
         assert max(abs(a - b) for a, b in zip([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], seen)) <= 1.5
+
+
+def test_collate_accepts_objects_as_list_of_dicts() -> None:
+    """Some Hub datasets store objects as List({...}) (a list of dicts per row) instead of a dict of lists."""
+    proc = DetrCustomImageProcessor(size={"shortest_edge": 40, "longest_edge": 200})
+    as_columns = _rows()[:2]
+    as_rows = [{**r, "objects": [dict(zip(r["objects"], vals)) for vals in zip(*r["objects"].values())]} for r in as_columns]
+    a, b = make_collate_fn(proc, train=False)(as_columns), make_collate_fn(proc, train=False)(as_rows)
+    for la, lb in zip(a["labels"], b["labels"]):
+        assert torch.equal(la["boxes"], lb["boxes"]) and torch.equal(la["class_labels"], lb["class_labels"])
+    empty = make_collate_fn(proc, train=False)([{**_rows()[2], "objects": []}])
+    assert empty["labels"][0]["boxes"].shape == (0, 4)

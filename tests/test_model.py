@@ -113,8 +113,9 @@ def test_num_boxes_is_averaged_over_processes_once():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_num_boxes_worker, args=(2, port, results), nprocs=2, join=True)
+    results = mp.get_context("fork").Manager().dict()
+    # fork: the children inherit the imported modules instead of importing torch again
+    mp.start_processes(_num_boxes_worker, args=(2, port, results), nprocs=2, join=True, start_method="fork")
     assert dict(results) == {0: 3.0, 1: 3.0}  # (5 + 1) / 2, not divided twice
 
 

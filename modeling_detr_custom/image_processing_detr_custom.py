@@ -296,6 +296,14 @@ def _write_into_canvas(canvas: torch.Tensor, resized: torch.Tensor, scale: torch
     canvas[:, :h, w:].zero_()
 
 
+def _write_mask(mask: torch.Tensor, image_hw: tuple[int, int]) -> None:
+    """(H, W) int64 mask: 1 on the image at the top left, 0 on the padding (written once, allocated uninitialised)."""
+    h, w = image_hw
+    mask[:h, :w] = 1
+    mask[:h, w:] = 0
+    mask[h:, :] = 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # annotations
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,7 +380,8 @@ def _prepare_target(
     """
     objects = [o for o in annotation["annotations"] if not (remove_crowd and o.get("iscrowd", 0) == 1)]
     (orig_h, orig_w), (new_h, new_w) = orig_hw, new_hw
-    boxes = torch.tensor([o["bbox"] for o in objects], dtype=torch.float32).reshape(-1, 4)
+    # via numpy: bboxes may be lists, arrays or tensors; each number is rounded to float32 as transformers does
+    boxes = torch.from_numpy(np.asarray([np.asarray(o["bbox"]) for o in objects], dtype=np.float32).reshape(-1, 4))
     boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy, absolute pixels of the original image
     boxes[:, 0::2] = boxes[:, 0::2].clip(min=0, max=orig_w)
     boxes[:, 1::2] = boxes[:, 1::2].clip(min=0, max=orig_h)
@@ -380,7 +389,7 @@ def _prepare_target(
     ratio_h, ratio_w = new_h / orig_h, new_w / orig_w
     boxes = boxes[keep] * torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], dtype=torch.float32)
     boxes = _xyxy_to_cxcywh(boxes) / torch.tensor([new_w, new_h, new_w, new_h], dtype=torch.float32)
-    area = [o["area"] if "area" in o else o["bbox"][2] * o["bbox"][3] for o in objects]
+    area = [float(o["area"]) if "area" in o else float(o["bbox"][2]) * float(o["bbox"][3]) for o in objects]
     target = {
         "image_id": torch.tensor([int(annotation["image_id"])], dtype=torch.int64),
         "class_labels": torch.tensor([int(o["category_id"]) for o in objects], dtype=torch.int64)[keep],
@@ -482,12 +491,16 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         self.last_num_dropped_boxes: list[int] = []
 
     @staticmethod
-    def _three_floats(values: Sequence[float], name: str) -> list[float]:
-        """Mean/std as a JSON-friendly list of 3 floats."""
-        values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values] * 3)]
-        if len(values) != 3 or (name == "image_std" and min(values) <= 0):
-            raise ValueError(f"{name} = {values!r}; expected 3 numbers (one per RGB channel), std > 0")
-        return values
+    def _three_floats(values: Sequence[float] | float, name: str) -> list[float]:
+        """Mean/std as a JSON-friendly list of 3 floats (one number is used for all three channels)."""
+        try:
+            array = np.atleast_1d(np.asarray(values, dtype=np.float64))
+        except (TypeError, ValueError):
+            array = np.zeros(0)
+        array = np.repeat(array, 3) if array.shape == (1,) else array
+        if array.shape != (3,) or not np.isfinite(array).all() or (name == "image_std" and array.min() <= 0):
+            raise ValueError(f"{name} = {values!r}; expected 3 finite numbers (one per RGB channel), std > 0")
+        return [float(v) for v in array]
 
     def to_dict(self) -> dict[str, Any]:
         """Settings only (JSON-serialisable); the per-call statistics are not saved."""
@@ -532,6 +545,8 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             `BatchFeature` with `pixel_values` (B, 3, H, W) float32, `pixel_mask` (B, H, W) int64 and, with
             annotations, `labels` (see the class docstring).
         """
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors = {return_tensors!r}; expected 'pt', 'np' or None")
         opts = self._options(do_resize, size, do_rescale, do_normalize, do_pad, pad_size, kwargs)
         image_list = _as_image_list(images)
         annotation_list = None
@@ -549,8 +564,6 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             data["labels"] = self._targets(annotation_list, orig_sizes, new_sizes, opts, target_device)
         if return_tensors == "np":
             data = {k: _to_numpy(v) for k, v in data.items()}
-        elif return_tensors not in (None, "pt"):
-            raise ValueError(f"return_tensors = {return_tensors!r}; expected 'pt', 'np' or None")
         return BatchFeature(data=data)
 
     def _options(
@@ -605,7 +618,8 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         else:
             canvas_hw = new_sizes[0]
         pixel_values = torch.empty((len(tensors), 3, *canvas_hw), dtype=torch.float32, device=device)
-        pixel_mask = torch.zeros((len(tensors), *canvas_hw), dtype=torch.int64, device=device)
+        # both uninitialised: every element is written exactly once below (fresh memory is costly to touch twice)
+        pixel_mask = torch.empty((len(tensors), *canvas_hw), dtype=torch.int64, device=device)
         for (_, dtype, out_hw), indices in _group_by_shape(tensors, new_sizes).items():
             resized = _resize_batch(_stack_group([tensors[i] for i in indices], device), out_hw)
             scale, bias = _affine_constants(
@@ -619,7 +633,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             )
             for k, i in enumerate(indices):
                 _write_into_canvas(pixel_values[i], resized[k], scale, bias)
-                pixel_mask[i, : out_hw[0], : out_hw[1]] = 1
+                _write_mask(pixel_mask[i], out_hw)
         return pixel_values, pixel_mask
 
     def _targets(

@@ -1,0 +1,151 @@
+"""Train or fine-tune DETR (detr-custom) with accelerate, evaluate it with COCO AP, save a remote-code folder.
+
+    # the built-in demo: synthetic shapes generated once, a CPU-sized DETR, about 10 minutes on 2 cores
+    accelerate launch scripts/train.py --output_dir outputs/demo
+
+    # a COCO folder with the original DETR-R50 recipe (ImageNet backbone from timm)
+    accelerate launch scripts/train.py --coco_dir /data/coco --output_dir outputs/r50
+
+    # fine-tune a converted published model on a new label set
+    accelerate launch scripts/train.py --coco_dir /data/mine --model_name_or_path converted/detr-r50 \\
+        --num_train_epochs 50 --output_dir outputs/mine
+
+    # two CPU processes (gloo); `accelerate launch --cpu --num_processes 2` would start only one
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/train.py ...
+
+    # resume after an interruption (SIGTERM/SIGINT write a checkpoint before exiting)
+    accelerate launch scripts/train.py ... --resume_from_checkpoint latest
+
+Options can also come from a YAML or JSON file (`--config file.yaml`, keys = option names); the
+command line wins over the file, the file over the preset defaults. Options left unset take the
+defaults of the `--model_config` preset (`demo` without a dataset argument, else `r50`).
+The training helpers live in modeling_detr_custom/training.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from modeling_detr_custom.training import (  # noqa: E402
+    MODEL_PRESETS,
+    SYNTHETIC_DEFAULTS,
+    NonFiniteLossError,
+    run_training,
+)
+
+PRESET_HELP = "default: from the --model_config preset"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every option; None means "from the preset" where the help says so."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML/JSON file of options (keys = option names without --)")
+    data = p.add_argument_group("data (default: the synthetic shapes, generated once into --cache_dir)")
+    data.add_argument("--dataset_name", help="a Hub detection dataset (schema of modeling_detr_custom/data.py)")
+    data.add_argument("--coco_dir", help="COCO folder: annotations/instances_<split>.json + image folders")
+    data.add_argument("--dataset_path", help="a datasets.save_to_disk folder with the detection schema")
+    data.add_argument("--contiguous_labels", action="store_true",
+                      help="labels 0..K-1 instead of raw COCO category ids (num_labels = max id + 1)")
+    data.add_argument("--train_split", help="default: train")
+    data.add_argument("--eval_split", help="default: validation/val/valid/test, the first that exists")
+    data.add_argument("--max_train_samples", type=int, help="use only the first N training images")
+    data.add_argument("--max_eval_samples", type=int, help="evaluate only the first N images")
+    data.add_argument("--cache_dir", help="synthetic data and datasets cache (default ~/.cache/detr_custom)")
+    data.add_argument("--on_bad_data", choices=("skip", "raise"), default="skip",
+                      help="skip (and count in the log) or raise on missing/corrupt images, unknown categories")
+    data.add_argument("--full_decode_check", action="store_true",
+                      help="decode every image before training (slow; also finds truncated files)")
+    for key, value in SYNTHETIC_DEFAULTS.items():
+        data.add_argument(f"--synthetic_{key}", type=int, help=f"synthetic dataset: {key} (default {value})")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model_config", help=f"preset {sorted(MODEL_PRESETS)} or a config.json / model folder "
+                                              "(default: demo without a dataset argument, else r50)")
+    model.add_argument("--config_overrides", help='e.g. "d_model=64,num_queries=20" (DetrCustomConfig fields)')
+    model.add_argument("--model_name_or_path",
+                       help="start from a saved/converted detr-custom folder; its class head is replaced when the "
+                            "dataset's labels differ")
+    model.add_argument("--backbone_weights",
+                       help=f"fresh model: 'timm' (ImageNet, downloads), 'none' (random) or a local file; {PRESET_HELP}")
+    model.add_argument("--image_size", type=int, help=f"short side for evaluation and largest training scale; {PRESET_HELP}")
+    model.add_argument("--max_size", type=int, help="long-side limit (default 1333 * image_size / 800)")
+    model.add_argument("--no_augmentation", action="store_true", help="no flip/multi-scale/crop: only resize")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--output_dir", default="outputs/detr-custom")
+    train.add_argument("--per_device_train_batch_size", type=int, help=PRESET_HELP)
+    train.add_argument("--per_device_eval_batch_size", type=int, help="default: the training batch size")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--num_train_epochs", type=int, help=PRESET_HELP)
+    train.add_argument("--max_steps", type=int, help="optimizer steps; overrides --num_train_epochs")
+    train.add_argument("--learning_rate", type=float, help=f"transformer and heads; {PRESET_HELP} (r50: 1e-4)")
+    train.add_argument("--backbone_learning_rate", type=float, help=f"0 freezes the backbone; {PRESET_HELP} (r50: 1e-5)")
+    train.add_argument("--weight_decay", type=float, default=1e-4)
+    train.add_argument("--max_grad_norm", type=float, default=0.1, help="gradient clipping; 0 disables")
+    train.add_argument("--lr_drop_epochs", type=int, help=f"lr x0.1 every N epochs (StepLR); {PRESET_HELP} (r50: 200)")
+    train.add_argument("--warmup_steps", type=int, default=0, help="linear lr warmup (the original has none)")
+    train.add_argument("--seed", type=int, default=42, help="each process uses seed + its rank")
+    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="default: from accelerate launch/config")
+    train.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
+    train.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    run = p.add_argument_group("logging, evaluation, checkpoints")
+    run.add_argument("--logging_steps", type=int, default=10)
+    run.add_argument("--eval_every_epochs", type=int, default=1)
+    run.add_argument("--checkpointing_steps", type=int, default=0, help="save every N optimizer steps (0: off)")
+    run.add_argument("--checkpointing_epochs", type=int, default=1, help="save every N epochs (0: off)")
+    run.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep the newest K checkpoints")
+    run.add_argument("--resume_from_checkpoint", help="'latest' (newest in output_dir; none yet = fresh start) or a folder")
+    run.add_argument("--report_to", default="none", help="accelerate trackers: tensorboard, wandb, all, none")
+    run.add_argument("--tracker_project_name", default="detr_custom")
+    run.add_argument("--picture_images", type=int, default=4, help="validation images in detections.png (0: none)")
+    run.add_argument("--dump_first_step", help="debugging: save the first step's loss and gradients to this file")
+    return p
+
+
+def load_options_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Options from a YAML/JSON mapping; keys may use - or _; unknown keys are an error."""
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        options = yaml.safe_load(text) or {}
+    else:
+        options = json.loads(text)
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(options).__name__}")
+    options = {str(k).replace("-", "_"): v for k, v in options.items()}
+    known = {a.dest for a in parser._actions} - {"help", "config"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown options {unknown}; valid: {sorted(known)}")
+    return options
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line over ``--config`` file over defaults."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**load_options_file(first.config, parser))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    try:
+        results = run_training(args)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,6 @@ all boxes here are normalised by the unpadded image size, i.e. in [0, 1].
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -150,7 +149,7 @@ class HungarianMatcher(torch.nn.Module):
             logits: (L, B, Q, C + 1); pred_boxes: (L, B, Q, 4) normalised cxcywh.
             labels: B dicts with `class_labels` (n_b,) and `boxes` (n_b, 4) normalised cxcywh.
         Returns:
-            matches[l][b] = (query_indices, target_indices), two int64 numpy arrays of length
+            matches[l][b] = (query_indices, target_indices), two int64 CPU tensors of length
             min(Q, n_b), sorted by query index.
         """
         num_queries = logits.shape[2]
@@ -160,7 +159,7 @@ class HungarianMatcher(torch.nn.Module):
                 raise ValueError(f"image {b} has {n} target boxes but the model has only "
                                  f"{num_queries} queries (num_queries); raise num_queries")
         if sum(sizes) == 0:
-            empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+            empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
             return [[empty] * len(sizes) for _ in range(logits.shape[0])]
         target_classes = torch.cat([t["class_labels"] for t in labels]).to(logits.device)
         target_boxes = torch.cat([t["boxes"] for t in labels]).to(logits.device, torch.float32)
@@ -180,10 +179,10 @@ class HungarianMatcher(torch.nn.Module):
                 for layer in range(cost.shape[0])]
 
     @staticmethod
-    def _assign(cost: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """cost: (Q, n) for one image and layer -> (query_indices, target_indices)."""
+    def _assign(cost: Tensor) -> tuple[Tensor, Tensor]:
+        """cost: (Q, n) for one image and layer -> (query_indices, target_indices), int64."""
         rows, cols = linear_sum_assignment(cost.numpy())
-        return rows.astype(np.int64), cols.astype(np.int64)
+        return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------- criterion
@@ -261,11 +260,12 @@ class SetCriterion(torch.nn.Module):
 
         `target` indexes the targets of the whole batch concatenated.
         """
-        offsets = np.cumsum([0] + [len(t["boxes"]) for t in labels])
-        parts = [(np.full(len(q), l), np.full(len(q), b), q, t + offsets[b])
+        offsets = [0]
+        for t in labels[:-1]:
+            offsets.append(offsets[-1] + len(t["boxes"]))
+        parts = [torch.stack([torch.full_like(q, l), torch.full_like(q, b), q, t + offsets[b]])
                  for l, per_image in enumerate(matches) for b, (q, t) in enumerate(per_image)]
-        stacked = np.concatenate([np.stack(p) for p in parts], axis=1)  # (4, M)
-        return tuple(torch.from_numpy(stacked).to(device, non_blocking=True))
+        return tuple(torch.cat(parts, dim=1).to(device, non_blocking=True))  # 4 x (M,)
 
     def _loss_labels(self, logits: Tensor, layer_idx: Tensor, batch_idx: Tensor, query_idx: Tensor,
                      matched_classes: Tensor) -> Tensor:

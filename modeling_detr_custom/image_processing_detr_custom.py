@@ -710,4 +710,6 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         return torch.stack([width, height, width, height], dim=1)
 
 
+DetrCustomImageProcessor.register_for_auto_class("AutoImageProcessor")
+
 __all__ = ["DetrCustomImageProcessor", "get_size_with_aspect_ratio"]

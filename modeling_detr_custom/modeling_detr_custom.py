@@ -75,8 +75,9 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
             `class_error` (logged only).
         logits: (B, Q, C + 1) class logits; the last class is "no object".
         pred_boxes: (B, Q, 4) normalised (cx, cy, w, h), relative to each image's UNPADDED size.
-        auxiliary_outputs: with `auxiliary_loss`, L - 1 dicts {"logits", "pred_boxes"} of the
-            earlier decoder layers, shaped as above.
+        auxiliary_outputs: with `auxiliary_loss` and `labels`, L - 1 dicts {"logits",
+            "pred_boxes"} of the earlier decoder layers, shaped as above (as in transformers:
+            without labels every output field is batch-first, which the pipeline relies on).
         last_hidden_state: (B, Q, d) final decoder output after the decoder LayerNorm.
         Other fields: as in `DetrCustomModelOutput`.
     """
@@ -87,7 +88,6 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
     pred_boxes: Tensor | None = None
     auxiliary_outputs: list[dict] | None = None
     last_hidden_state: Tensor | None = None
-    intermediate_hidden_states: Tensor | None = None
     encoder_last_hidden_state: Tensor | None = None
     encoder_hidden_states: tuple[Tensor, ...] | None = None
     decoder_hidden_states: tuple[Tensor, ...] | None = None
@@ -521,7 +521,7 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
                 (n, 4) normalised (cx, cy, w, h) relative to the image's UNPADDED size.
         """
         outputs = self.model(pixel_values, pixel_mask, output_hidden_states, output_attentions)
-        with_aux = self.config.auxiliary_loss
+        with_aux = self.config.auxiliary_loss and labels is not None
         hidden = outputs.intermediate_hidden_states if with_aux else outputs.last_hidden_state[None]
         logits = self.class_labels_classifier(hidden)  # (L or 1, B, Q, C + 1)
         pred_boxes = self.bbox_predictor(hidden).sigmoid()  # (L or 1, B, Q, 4)
@@ -534,7 +534,6 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         output = DetrCustomObjectDetectionOutput(
             loss=loss, loss_dict=loss_dict, logits=logits[-1], pred_boxes=pred_boxes[-1],
             auxiliary_outputs=auxiliary_outputs, last_hidden_state=outputs.last_hidden_state,
-            intermediate_hidden_states=outputs.intermediate_hidden_states,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
             decoder_hidden_states=outputs.decoder_hidden_states,

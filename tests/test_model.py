@@ -80,6 +80,8 @@ def test_loss_terms_for_every_decoder_layer(model):
                    if k == name or k.startswith(name + "_"))
     torch.testing.assert_close(out.loss, expected)
     assert len(out.auxiliary_outputs) == layers - 1
+    with torch.no_grad():
+        assert model(pixel_values, pixel_mask).auxiliary_outputs is None  # batch-first fields only
 
 
 def test_loss_has_gradients_only_where_trainable(config):

@@ -53,10 +53,12 @@ def converted(tmp_path_factory):
 
 
 def run_both(reference, ours, **kwargs):
+    """Eval outputs of both on a padded batch; ours with labels (auxiliary outputs need them)."""
     pixel_values, pixel_mask = padded_batch(sizes=((160, 224), (128, 160)))
+    labels = random_labels([3, 0], num_labels=NUM_LABELS, seed=1)  # the second image has no boxes
     with torch.no_grad():
         theirs = reference(pixel_values=pixel_values, pixel_mask=pixel_mask, output_hidden_states=True)
-        mine = ours(pixel_values, pixel_mask, **kwargs)
+        mine = ours(pixel_values, pixel_mask, labels=labels, **kwargs)
     return theirs, mine
 
 
@@ -88,10 +90,8 @@ def test_auxiliary_outputs_match_transformers_heads_on_normed_states(converted):
 def test_loss_terms_and_matchings_match_transformers_loss(converted):
     reference, ours, _ = converted
     ours.config.auxiliary_loss = True
-    pixel_values, pixel_mask = padded_batch(sizes=((160, 224), (128, 160)))
-    labels = random_labels([3, 0], num_labels=NUM_LABELS, seed=1)  # the second image has no boxes
-    with torch.no_grad():
-        mine = ours(pixel_values, pixel_mask, labels=labels)
+    _, mine = run_both(reference, ours)
+    labels = random_labels([3, 0], num_labels=NUM_LABELS, seed=1)
     logits = torch.stack([a["logits"] for a in mine.auxiliary_outputs] + [mine.logits])
     boxes = torch.stack([a["pred_boxes"] for a in mine.auxiliary_outputs] + [mine.pred_boxes])
     config = DetrConfig(**{**reference.config.to_dict(), "auxiliary_loss": True})

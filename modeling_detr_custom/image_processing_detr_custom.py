@@ -22,7 +22,6 @@ copy of a huge image); float images and every image on a GPU are resized in floa
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -191,7 +190,8 @@ def _channels_first(tensor: torch.Tensor, channels_last_first: bool, index: int)
         return tensor.permute(2, 0, 1)
     if is_chw:
         return tensor
-    raise ValueError(f"images[{index}] has shape {tuple(tensor.shape)}: no axis of 1, 3 or 4 channels; {EXPECTED_IMAGE}")
+    shape = tuple(tensor.shape)
+    raise ValueError(f"images[{index}] has shape {shape}: no axis of 1, 3 or 4 channels; {EXPECTED_IMAGE}")
 
 
 def _to_rgb_chw(image: Any, index: int) -> torch.Tensor:
@@ -226,7 +226,7 @@ def _checked_rgb(tensor: torch.Tensor, index: int) -> torch.Tensor:
 # resize and normalise into the batch tensor
 # ---------------------------------------------------------------------------------------------------------------
 def _resize_in_uint8(image: torch.Tensor) -> bool:
-    """uint8 on CPU: PyTorch's fast channels-last uint8 antialias kernel. Elsewhere (CUDA has no uint8 kernel) float32."""
+    """uint8 on CPU: PyTorch's fast channels-last uint8 antialias kernel; elsewhere float32 (CUDA has none)."""
     return image.dtype == torch.uint8 and image.device.type == "cpu"
 
 

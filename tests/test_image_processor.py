@@ -62,9 +62,9 @@ def coco(image_id: int, *objects: tuple) -> dict:
     """COCO detection annotation from (x, y, w, h, category_id[, iscrowd]) tuples."""
     annotations = []
     for x, y, w, h, category_id, *crowd in objects:
-        annotations.append(
-            {"bbox": [x, y, w, h], "category_id": category_id, "area": float(w * h), "iscrowd": crowd[0] if crowd else 0}
-        )
+        iscrowd = crowd[0] if crowd else 0
+        annotation = {"bbox": [x, y, w, h], "category_id": category_id, "area": float(w * h), "iscrowd": iscrowd}
+        annotations.append(annotation)
     return {"image_id": image_id, "annotations": annotations}
 
 
@@ -225,7 +225,8 @@ def test_pil_numpy_and_torch_inputs_agree():
     array = photo(70, 90)
     processor = DetrCustomImageProcessor(size=SMALL)
     reference = processor(PIL.Image.fromarray(array))["pixel_values"]
-    for image in (array, torch.from_numpy(array).permute(2, 0, 1), torch.from_numpy(array).permute(2, 0, 1).contiguous()):
+    chw_view = torch.from_numpy(array).permute(2, 0, 1)
+    for image in (array, chw_view, chw_view.contiguous()):
         assert torch.equal(processor(image)["pixel_values"], reference)
     # float inputs are taken to be in [0, 1]; resized in float32 -> within one uint8 level
     for image in (array.astype(np.float32) / 255, torch.from_numpy(array).permute(2, 0, 1).double() / 255):
@@ -401,7 +402,8 @@ GOOD = photo(30, 40)
             None,
             {},
             re.escape(
-                "images[2] is a <class 'str'>; expected a PIL.Image, a numpy array (H, W, C) or a torch tensor (C, H, W)"
+                "images[2] is a <class 'str'>; "
+                "expected a PIL.Image, a numpy array (H, W, C) or a torch tensor (C, H, W)"
             ),
         ),
         ([{"pixel_values": GOOD}], None, {}, re.escape("images[0] is a <class 'dict'>")),

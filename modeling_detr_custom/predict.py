@@ -1,0 +1,262 @@
+"""Run a saved detr-custom detector on image files: detections as JSON, and each image with its boxes drawn.
+
+Not remote code: nothing in the model, config or processor files imports this module.
+
+The path is the object-detection pipeline's (image processor -> model -> ``post_process_object_detection``),
+batched, on a GPU when there is one. Box format everywhere here: absolute ``(xmin, ymin, xmax, ymax)`` pixels of
+the image as displayed (after its EXIF orientation is applied), as the pipeline returns them.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import PIL.ImageOps
+import torch
+from PIL import ImageDraw, ImageFont
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+RESULTS_FILE = "detections.json"
+BOX_FORMAT = "xyxy: absolute (xmin, ymin, xmax, ymax) pixels of the image after its EXIF orientation"
+
+
+class ModelLoadError(RuntimeError):
+    """The model argument names no loadable model; the message names the path or repo id."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Expand the command-line inputs into image files, in order.
+
+    A folder contributes its files with an image extension (sorted, not recursive). A path that does not
+    exist is skipped with a reason; files are not opened here (a file that is not an image is found when it
+    is decoded). Returns (files, skipped) with skipped = [{"path", "reason"}].
+    """
+    files: list[Path] = []
+    skipped: list[dict[str, str]] = []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                skipped.append({"path": str(path), "reason": f"folder holds no image file ({', '.join(IMAGE_EXTENSIONS)})"})
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            skipped.append({"path": str(path), "reason": "no such file or folder"})
+    unique = list(dict.fromkeys(files))  # a file named twice is processed once
+    return unique, skipped
+
+
+def open_image(path: Path) -> PIL.Image.Image:
+    """The image as displayed: EXIF orientation applied, RGB. Raises ValueError naming the file if it is not
+    an image PIL can decode."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return PIL.ImageOps.exif_transpose(image).convert("RGB")
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable image: {err}") from None
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu. Raises ValueError for an unknown or unavailable device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device {device!r}: expected auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def _looks_like_local_path(ref: str) -> bool:
+    """True for what can only be a local path (a Hub repo id is 'name' or 'namespace/name')."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if ref.startswith((".", "/", "~")) or "\\" in ref or ref.count("/") > 1:
+        return True
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return True
+    return False
+
+
+def load_detector(model_ref: str | os.PathLike, device: torch.device) -> tuple[Any, Any]:
+    """(model in eval mode on ``device``, image processor) from a saved folder or a Hub repo id.
+
+    Loads through AutoModelForObjectDetection / AutoImageProcessor with trust_remote_code=True, as a user of
+    the uploaded folder would. Raises ModelLoadError naming the path or repo id.
+    """
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    ref = str(model_ref)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a saved model folder (no config.json in it)")
+        source, what = str(path), f"the folder {path}"
+    elif _looks_like_local_path(ref):
+        raise ModelLoadError(f"model folder not found: {ref} ({path.resolve()})")
+    else:
+        source, what = ref, f"{ref!r} (no local folder of that name; tried it as a Hub repo id)"
+    try:
+        model = AutoModelForObjectDetection.from_pretrained(source, trust_remote_code=True)
+        processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=True)
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelLoadError(f"cannot load a detector from {what}: {err}") from None
+    return model.to(device).eval(), processor
+
+
+@torch.no_grad()
+def detect(model: Any, processor: Any, images: Sequence[PIL.Image.Image], threshold: float,
+           device: torch.device) -> list[list[dict[str, Any]]]:
+    """Detections of one batch, as the object-detection pipeline computes them.
+
+    Returns per image a list of {"label": name, "label_id": int, "score": float, "box": {"xmin", "ymin",
+    "xmax", "ymax"}} with float pixel coordinates of that image (each image's own size, padding removed).
+    """
+    inputs = processor(images=list(images), return_tensors="pt", device=device)
+    outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+    sizes = torch.tensor([[im.height, im.width] for im in images], device=device)
+    results = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes)
+    id2label = model.config.id2label
+    return [[{"label": id2label.get(int(label), str(int(label))), "label_id": int(label), "score": round(float(score), 5),
+              "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), (round(float(v), 2) for v in box)))}
+             for score, label, box in zip(r["scores"].cpu(), r["labels"].cpu(), r["boxes"].cpu())]
+            for r in results]
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def label_colour(label_id: int) -> tuple[int, int, int]:
+    """A saturated colour per label id; golden-ratio hue steps keep consecutive ids far apart."""
+    hue = (label_id * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.9, 0.95)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def _text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black on light, white on dark backgrounds (relative luminance)."""
+    r, g, b = background
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable with FreeType (Pillow >= 10.1)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def line_width(image_size: tuple[int, int]) -> int:
+    """Box outline width: 2 px for small images, growing with the image so boxes stay visible."""
+    return max(2, round(min(image_size) / 160))
+
+
+def draw_detections(image: PIL.Image.Image, detections: Sequence[dict[str, Any]]) -> PIL.Image.Image:
+    """A copy of ``image`` with each detection's box (xyxy pixels) outlined in its label's colour and
+    "label score" written on a filled tag of that colour above the box (inside it at the top edge)."""
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    width = line_width(canvas.size)
+    font = _font(max(11, round(min(canvas.size) / 30)))
+    ordered = sorted(detections, key=lambda d: d["score"])  # the best box is drawn last, on top
+    boxes = [[round(d["box"][k]) for k in ("xmin", "ymin", "xmax", "ymax")] for d in ordered]
+    for det, box in zip(ordered, boxes):
+        draw.rectangle(box, outline=label_colour(det["label_id"]), width=width)
+    for det, box in zip(ordered, boxes):  # tags after all boxes, so no outline crosses a text
+        _draw_tag(draw, canvas.size, box, f"{det['label']} {det['score']:.2f}", label_colour(det["label_id"]), font)
+    return canvas
+
+
+def _draw_tag(draw: ImageDraw.ImageDraw, size: tuple[int, int], box: list[int], text: str,
+              colour: tuple[int, int, int], font: ImageFont.ImageFont) -> None:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = 2
+    tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
+    x = min(max(box[0], 0), max(size[0] - tag_w, 0))
+    y = box[1] - tag_h if box[1] - tag_h >= 0 else box[1]  # above the box when it fits
+    draw.rectangle([x, y, x + tag_w - 1, y + tag_h - 1], fill=colour)
+    draw.text((x + pad - left, y + pad - top), text, fill=_text_colour(colour), font=font)
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+def _batches(files: Sequence[Path], batch_size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(files), batch_size):
+        yield files[start:start + batch_size]
+
+
+def _output_name(path: Path, used: set[str]) -> str:
+    """``<stem>.png``, with a counter when two inputs share a stem."""
+    name, k = f"{path.stem}.png", 1
+    while name in used or name == RESULTS_FILE:
+        name, k = f"{path.stem}_{k}.png", k + 1
+    used.add(name)
+    return name
+
+
+def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathLike], threshold: float = 0.5,
+                   output_dir: str | os.PathLike = "predictions", batch_size: int = 4, device: str = "auto",
+                   log: Any = print) -> dict[str, Any]:
+    """Detect objects in every image of ``inputs`` (files or folders); write ``<output_dir>/detections.json``
+    and one ``<stem>.png`` per image with the detections drawn. Inputs that are not images are reported
+    through ``log`` and listed under "skipped"; the rest are still processed.
+
+    Returns the JSON report: {"model", "threshold", "device", "box_format", "images": [{"path", "width",
+    "height", "output_image", "detections": [...]}], "skipped": [{"path", "reason"}]}.
+    Raises ValueError for bad settings and ModelLoadError when the model cannot be loaded.
+    """
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold {threshold!r} must be in [0, 1)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r} must be >= 1")
+    torch_device = resolve_device(device)
+    model, processor = load_detector(model_ref, torch_device)  # before any output: a bad model writes nothing
+    files, skipped = collect_images(inputs)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"model": str(model_ref), "threshold": threshold, "device": str(torch_device),
+                              "box_format": BOX_FORMAT, "images": [], "skipped": skipped}
+    for item in skipped:
+        log(f"skipped {item['path']}: {item['reason']}")
+    used: set[str] = set()
+    for batch in _batches(files, batch_size):
+        opened = []
+        for path in batch:
+            try:
+                opened.append((path, open_image(path)))
+            except ValueError as err:
+                skipped.append({"path": str(path), "reason": str(err)})
+                log(f"skipped {path}: {err}")
+        if not opened:
+            continue
+        found = detect(model, processor, [im for _, im in opened], threshold, torch_device)
+        for (path, image), detections in zip(opened, found):
+            name = _output_name(path, used)
+            draw_detections(image, detections).save(out / name)
+            report["images"].append({"path": str(path), "width": image.width, "height": image.height,
+                                     "output_image": name, "detections": detections})
+            log(f"{path}: {len(detections)} detection(s) -> {out / name}")
+    (out / RESULTS_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+__all__ = ["ModelLoadError", "collect_images", "open_image", "resolve_device", "load_detector", "detect",
+           "label_colour", "line_width", "draw_detections", "predict_images"]

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Detect objects with a saved detr-custom model and draw them.
+
+    python scripts/predict.py --model outputs/detr-custom images/ photo.jpg --threshold 0.5 --output_dir predictions
+
+Writes <output_dir>/detections.json (every image's detections: label, score, box as absolute
+xmin/ymin/xmax/ymax pixels) and <output_dir>/<image stem>.png with the boxes, labels and scores drawn.
+--model is a local folder (saved by train.py or push_to_hub.py --local_dir) or a Hub repo id; the model is
+loaded with trust_remote_code=True. Images are processed in batches of --batch_size, on the GPU when one is
+present (--device auto).
+
+Exit status: 0 when at least one image was processed (paths that are not images are reported and skipped),
+1 when the model cannot be loaded or no image could be read, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from modeling_detr_custom.predict import ModelLoadError, predict_images  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder or Hub repo id")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
+    p.add_argument("--threshold", type=float, default=0.5, help="keep detections scoring above this (default 0.5)")
+    p.add_argument("--output_dir", default="predictions", help="where the JSON and the drawn images go")
+    p.add_argument("--batch_size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.threshold < 1.0:
+        parser.error(f"--threshold {args.threshold} must be in [0, 1)")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size {args.batch_size} must be >= 1")
+    log = lambda message: print(message, file=sys.stderr if message.startswith("skipped") else sys.stdout)  # noqa: E731
+    try:
+        report = predict_images(args.model, args.inputs, threshold=args.threshold, output_dir=args.output_dir,
+                                batch_size=args.batch_size, device=args.device, log=log)
+    except (ModelLoadError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    results = Path(args.output_dir) / "detections.json"
+    if not report["images"]:
+        print(f"error: none of the {len(report['skipped'])} input(s) is a readable image; see {results}", file=sys.stderr)
+        return 1
+    print(f"{len(report['images'])} image(s) processed, {len(report['skipped'])} skipped; detections in {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

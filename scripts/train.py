@@ -30,7 +30,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# `python scripts/x.py` puts scripts/ first on sys.path, where evaluate.py would shadow the `evaluate`
+# package; drop it, and add the checkout so the package imports without installing
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_detr_custom.training import (  # noqa: E402
     MODEL_PRESETS,
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone_learning_rate", type=float, help=f"0 freezes the backbone; {PRESET_HELP} (r50: 1e-5)")
     train.add_argument("--weight_decay", type=float, default=1e-4)
     train.add_argument("--max_grad_norm", type=float, default=0.1, help="gradient clipping; 0 disables")
-    train.add_argument("--lr_drop_epochs", type=int, help=f"lr x0.1 every N epochs (StepLR); {PRESET_HELP} (r50: 200)")
+    train.add_argument("--lr_drop_epochs", type=int, help=f"lr x0.1 every N epochs (StepLR), 0: never; {PRESET_HELP} (r50: 200)")
     train.add_argument("--warmup_steps", type=int, default=0, help="linear lr warmup (the original has none)")
     train.add_argument("--seed", type=int, default=42, help="each process uses seed + its rank")
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="default: from accelerate launch/config")

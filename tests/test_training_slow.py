@@ -1,0 +1,181 @@
+"""Slow training tests (issue 4): learning, the trained folder in a fresh process, two processes, SIGTERM.
+
+Run with ``pytest -m slow tests/test_training_slow.py``. Timings on a 2-core CPU are in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run_script(args: list[str], env: dict | None = None, timeout: int = 600, launcher: list[str] | None = None
+               ) -> subprocess.CompletedProcess:
+    """Run scripts/train.py in a fresh interpreter from outside the checkout (cwd = /)."""
+    command = (launcher or [sys.executable]) + [str(REPO / "scripts" / "train.py"), *args]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd="/", timeout=timeout)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------- 1. overfit one batch
+
+
+def overfit_args(output_dir: Path, cache_dir: Path, seed: int) -> list[str]:
+    """The setup that shows learning fast on a CPU (README): 4 images of 64 px with 1-3 shapes, one batch,
+    no augmentation, a test_resnet backbone from scratch, d_model 256, 2+2 layers, 8 queries, lr 2e-4
+    everywhere, no dropout, no lr drop; evaluated on the same 4 images."""
+    return ["--model_config", "demo", "--config_overrides", "num_queries=8", "--synthetic_num_train", "4",
+            "--synthetic_num_val", "1", "--synthetic_image_size", "64", "--synthetic_seed", str(seed),
+            "--image_size", "64", "--eval_split", "train", "--no_augmentation", "--per_device_train_batch_size", "4",
+            "--max_steps", "300", "--learning_rate", "2e-4", "--backbone_learning_rate", "2e-4", "--lr_drop_epochs", "0",
+            "--eval_every_epochs", "1000", "--checkpointing_epochs", "0", "--logging_steps", "50", "--picture_images", "2",
+            "--seed", str(seed), "--cache_dir", str(cache_dir), "--output_dir", str(output_dir)]
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("overfit")
+    run_script(overfit_args(out / "model", out / "cache", seed=42), env={"OMP_NUM_THREADS": "1"})
+    return out / "model"
+
+
+def test_overfits_one_batch(overfit_run: Path) -> None:
+    results = read_json(overfit_run / "all_results.json")
+    assert results["AP50"] >= 0.9, results
+    assert results["global_step"] == 300 and results["eval_num_images"] == 4
+
+
+@pytest.mark.parametrize("seed", [7])
+def test_overfits_one_batch_other_seed(tmp_path: Path, seed: int) -> None:
+    run_script(overfit_args(tmp_path / "model", tmp_path / "cache", seed), env={"OMP_NUM_THREADS": "1"})
+    assert read_json(tmp_path / "model" / "all_results.json")["AP50"] >= 0.9
+
+
+# ----------------------------------------------------------------------------- 5. fresh process + pipeline
+
+
+def test_trained_folder_loads_in_a_fresh_process_and_the_pipeline_finds_the_shapes(overfit_run: Path, tmp_path: Path) -> None:
+    """The package is not importable there (cwd elsewhere, not on sys.path), the Hub is off: only the
+    remote code saved in the folder can load it."""
+    from modeling_detr_custom.synthetic import make_synthetic_coco
+
+    unseen = tmp_path / "unseen"
+    make_synthetic_coco(unseen, num_train=1, num_val=1, image_size=64, seed=42)  # val: never trained on
+    truth = read_json(unseen / "annotations" / "instances_val.json")
+    script = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        assert importlib.util.find_spec("modeling_detr_custom") is None, "the package must not be importable"
+        from PIL import Image
+        from transformers import AutoModelForObjectDetection, pipeline
+        model = AutoModelForObjectDetection.from_pretrained({str(overfit_run)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        detector = pipeline(task="object-detection", model={str(overfit_run)!r}, trust_remote_code=True)
+        image = Image.open({str(unseen / "images" / "val" / truth["images"][0]["file_name"])!r})
+        print(json.dumps(detector(image, threshold=0.5)))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=str(tmp_path), env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    detections = json.loads(done.stdout.strip().splitlines()[-1])
+    names = {c["id"]: c["name"] for c in truth["categories"]}
+    for gt in truth["annotations"]:
+        x, y, w, h = gt["bbox"]
+        found = [d for d in detections if d["label"] == names[gt["category_id"]]
+                 and iou((x, y, x + w, y + h), tuple(d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax"))) >= 0.5]
+        assert found, f"no detection of {names[gt['category_id']]} at {gt['bbox']}: {detections}"
+
+
+def iou(a: tuple, b: tuple) -> float:
+    """IoU of two absolute xyxy boxes (the pipeline's xmax/ymax are inclusive-ish ints; close enough)."""
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+# ----------------------------------------------------------------------------- 2 + 4. two processes
+
+
+def distributed_args(output_dir: Path, cache_dir: Path, batch: int, steps: int) -> list[str]:
+    """4 training images with exactly 2 boxes each (the CE term is a per-process mean, so equivalence
+    needs equal box counts), 3 validation images (odd: accelerate pads the second process's eval
+    shard with a duplicate), dropout 0, no augmentation."""
+    return ["--model_config", "tiny", "--config_overrides", "dropout=0.0,attention_dropout=0.0,activation_dropout=0.0",
+            "--synthetic_num_train", "4", "--synthetic_num_val", "3", "--synthetic_image_size", "64",
+            "--synthetic_min_shapes", "2", "--synthetic_max_shapes", "2", "--image_size", "64", "--no_augmentation",
+            "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "1", "--max_steps", str(steps),
+            "--checkpointing_epochs", "0", "--picture_images", "0", "--logging_steps", "1",
+            "--cache_dir", str(cache_dir), "--output_dir", str(output_dir), "--dump_first_step", str(output_dir / "first_step.pt")]
+
+
+def test_two_cpu_processes_equal_one_process_with_the_whole_batch(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    run_script(distributed_args(tmp_path / "one", cache, batch=2, steps=1))
+    train = read_json(next(cache.glob("synthetic_coco/*")) / "annotations" / "instances_train.json")
+    counts = [sum(a["image_id"] == im["id"] for a in train["annotations"]) for im in train["images"]]
+    assert counts == [2, 2, 2, 2], "equivalence needs the same number of boxes in every image"
+    launcher = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    done = run_script(distributed_args(tmp_path / "two", cache, batch=1, steps=2), env={"ACCELERATE_USE_CPU": "1"},
+                      launcher=launcher)
+    results = read_json(tmp_path / "two" / "all_results.json")
+    assert results["num_processes"] == 2, done.stderr[-2000:]
+    assert results["global_step"] == 2 and results["total_train_batch_size"] == 2
+    assert results["eval_num_images"] == 3, "the duplicate accelerate pads the eval shards with counts once"
+    one, two = torch.load(tmp_path / "one" / "first_step.pt"), torch.load(tmp_path / "two" / "first_step.pt")
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert sorted(one["image_ids"]) == sorted(two["image_ids"]), "the same images in the first step"
+    assert abs(one["loss"] - two["loss"]) <= 1e-5
+    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 50
+    worst = max((one["grads"][k] - two["grads"][k]).abs().max().item() for k in one["grads"])
+    assert worst <= 1e-5, f"largest gradient difference {worst}"
+    assert max(g.abs().max().item() for g in one["grads"].values()) > 1e-3, "gradients are not all ~0"
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path: Path) -> None:
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["--model_config", "tiny", "--synthetic_num_train", "8", "--synthetic_num_val", "2", "--synthetic_image_size", "64",
+            "--image_size", "64", "--per_device_train_batch_size", "2", "--max_steps", "100000", "--logging_steps", "1",
+            "--checkpointing_epochs", "0", "--picture_images", "0", "--cache_dir", str(cache), "--output_dir", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *args], cwd="/", env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "received SIGTERM" in stderr and "--resume_from_checkpoint latest" in stderr
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and not list((out / "checkpoints").glob(".tmp-*"))
+    state = read_json(checkpoints[0] / "training_state.json")
+    assert state["global_step"] >= 2
+    resumed = args[:args.index("--max_steps")] + ["--max_steps", str(state["global_step"] + 1)] + \
+        args[args.index("--max_steps") + 2:] + ["--resume_from_checkpoint", "latest"]
+    run_script(resumed, env={"OMP_NUM_THREADS": "1"})
+    assert read_json(out / "all_results.json")["global_step"] == state["global_step"] + 1

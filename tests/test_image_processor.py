@@ -453,6 +453,19 @@ def test_save_pretrained_round_trip(tmp_path):
     assert DetrCustomImageProcessor.from_pretrained(tmp_path, remove_crowd=True).remove_crowd is True
 
 
+def test_loads_through_auto_image_processor_as_remote_code(tmp_path, monkeypatch):
+    monkeypatch.setattr(DetrCustomImageProcessor, "_auto_class", "AutoImageProcessor")  # restored afterwards
+    DetrCustomImageProcessor(size=SMALL, id2label={1: "cat"}).save_pretrained(tmp_path)
+    assert (tmp_path / "image_processing_detr_custom.py").is_file()
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["auto_map"] == {"AutoImageProcessor": "image_processing_detr_custom.DetrCustomImageProcessor"}
+    loaded = transformers.AutoImageProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded).__name__ == "DetrCustomImageProcessor"  # names, not classes: the module may be a copy
+    assert loaded.size == SMALL and loaded.id2label == {1: "cat"}
+    labels = loaded(GOOD, annotations=coco(0, (1, 2, 3, 4, 1)))["labels"][0]
+    assert labels["class_labels"].tolist() == [1]
+
+
 def test_defaults_are_detr():
     processor = DetrCustomImageProcessor()
     assert processor.size == {"shortest_edge": 800, "longest_edge": 1333}

@@ -22,6 +22,7 @@ copy of a huge image); float images and every image on a GPU are resized in floa
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -335,7 +336,14 @@ def _validate_annotation(annotation: Any, index: int, id2label: dict[int, str] |
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    """Python, numpy or 0-d torch integers (anything with __index__), but not bools."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _validate_object(obj: Any, where: str, id2label: dict[int, str] | None) -> None:

@@ -20,6 +20,9 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
+from timm.layers.norm_act import FrozenBatchNorm2d  # the class freeze_batch_norm_2d makes
+from timm.models import FeatureListNet
+from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -106,10 +109,74 @@ def create_timm_backbone(config: DetrCustomConfig, pretrained: bool = False, **k
                              out_indices=(-1,), in_chans=config.num_channels, **extra, **kwargs)
 
 
+class FoldedBatchNormConv2d(nn.Conv2d):
+    """A convolution and the frozen BatchNorm after it, computed as ONE convolution.
+
+    conv(x, W) * s + t == conv(x, W * s) + t, with s = weight / sqrt(running_var + eps) and
+    t = bias - running_mean * s per output channel: the same math as the two modules, one pass over
+    the feature map instead of three. Nothing is precomputed: the convolution keeps its own weight
+    (gradients reach it through the product) and the BatchNorm, now a `PassThroughBatchNorm2d` at
+    its place, keeps its buffers, so the state dict is unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.batch_norm[0]  # in a tuple: not a submodule, its keys stay where they were
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # (C_out,)
+        shift = bn.bias - bn.running_mean * scale
+        bias = shift if self.bias is None else shift + self.bias * scale
+        return self._conv_forward(x, self.weight * scale[:, None, None, None], bias)
+
+
+class PassThroughBatchNorm2d(FrozenBatchNorm2d):
+    """A frozen BatchNorm whose affine map the convolution before it applies: the identity here."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+# Parents whose forward runs a convolution straight into the BatchNorm registered after it.
+_RUN_IN_ORDER = (nn.Sequential, FeatureListNet, BasicBlock, Bottleneck)
+
+
+def fold_frozen_batch_norms(body: nn.Module) -> int:
+    """Make every Conv2d -> FrozenBatchNorm2d pair of a timm ResNet one convolution, in place.
+
+    Only pairs that are adjacent children of a parent known to run them in that order are folded
+    (other backbones are left as they are). The Parameter and buffer objects are reused, so
+    state-dict keys, `requires_grad` and anything holding them are unaffected. Returns the count.
+    """
+    count = 0
+    for parent in body.modules():
+        if not isinstance(parent, _RUN_IN_ORDER):
+            continue
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if type(conv) is not nn.Conv2d or type(bn) is not FrozenBatchNorm2d or \
+                    conv.out_channels != bn.weight.numel():
+                continue
+            folded = FoldedBatchNormConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                           conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                                           conv.padding_mode, device="meta")
+            folded.weight, folded.bias = conv.weight, conv.bias
+            passthrough = PassThroughBatchNorm2d(bn.weight.numel(), bn.eps)
+            for name, buffer in bn.named_buffers():
+                setattr(passthrough, name, buffer)
+            folded.batch_norm = (passthrough,)
+            setattr(parent, conv_name, folded)
+            setattr(parent, bn_name, passthrough)
+            count += 1
+    return count
+
+
 class DetrCustomBackbone(nn.Module):
     """timm CNN with every BatchNorm frozen (statistics and affine as buffers).
 
     With `freeze_backbone_stem`, the stem and first stage get no gradient, as in the original.
+
+    Two speed settings change only float rounding (same math, same state dict), on by default:
+    `backbone_fold_batch_norm` applies each frozen BatchNorm through the convolution before it
+    (`fold_frozen_batch_norms`), `backbone_channels_last` feeds the images in channels-last memory
+    format (faster oneDNN and cuDNN kernels). Measured in benchmarks/bench_model.py.
     """
 
     def __init__(self, config: DetrCustomConfig):
@@ -118,6 +185,9 @@ class DetrCustomBackbone(nn.Module):
         self.first_stage = body.feature_info.info[1]["module"].replace(".", "_")
         self.body = freeze_batch_norm_2d(body)
         self.num_channels = body.feature_info.channels()[-1]
+        self.channels_last = getattr(config, "backbone_channels_last", True)
+        if getattr(config, "backbone_fold_batch_norm", True):
+            fold_frozen_batch_norms(self.body)
         if config.freeze_backbone_stem:
             self.freeze_stem()
 
@@ -138,6 +208,8 @@ class DetrCustomBackbone(nn.Module):
         Returns the feature map (B, C_backbone, h, w) and the mask resized to it with nearest
         interpolation, (B, h, w) bool.
         """
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         features = self.body(pixel_values)[-1]
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
         return features, mask

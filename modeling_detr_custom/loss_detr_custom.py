@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 # ----------------------------------------------------------------------------- box operations
 
@@ -42,21 +43,20 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
     Args:
         boxes1: (..., N, 4) xyxy.
-        boxes2: (M, 4) xyxy.
+        boxes2: (..., M, 4) xyxy; its leading dimensions broadcast against boxes1's (e.g. (M, 4)).
     Returns:
         (..., N, M) GIoU in [-1, 1]. Degenerate boxes (x1 < x0) give wrong values: targets are
         checked by `check_label_values`, predictions are valid by construction (sigmoid).
     """
-    area1, area2 = box_area(boxes1), box_area(boxes2)
-    lt = torch.max(boxes1[..., :, None, :2], boxes2[:, :2])  # (..., N, M, 2)
-    rb = torch.min(boxes1[..., :, None, 2:], boxes2[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    union = area1[..., :, None] + area2 - inter
-    iou = inter / union
-    lt_hull = torch.min(boxes1[..., :, None, :2], boxes2[:, :2])
-    rb_hull = torch.max(boxes1[..., :, None, 2:], boxes2[:, 2:])
-    hull = (rb_hull - lt_hull).clamp(min=0).prod(-1)
-    return iou - (hull - union) / hull
+    # Coordinates as (..., N, 1) against (..., 1, M): every intermediate is (..., N, M), no pairs of them.
+    x0a, y0a, x1a, y1a = (c[..., :, None] for c in boxes1.unbind(-1))
+    x0b, y0b, x1b, y1b = (c[..., None, :] for c in boxes2.unbind(-1))
+    inter = ((torch.min(x1a, x1b) - torch.max(x0a, x0b)).clamp(min=0)
+             * (torch.min(y1a, y1b) - torch.max(y0a, y0b)).clamp(min=0))
+    union = box_area(boxes1)[..., :, None] + box_area(boxes2)[..., None, :] - inter
+    hull = ((torch.max(x1a, x1b) - torch.min(x0a, x0b)).clamp(min=0)
+            * (torch.max(y1a, y1b) - torch.min(y0a, y0b)).clamp(min=0))
+    return inter / union - (hull - union) / hull
 
 
 def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
@@ -124,20 +124,25 @@ class HungarianMatcher(torch.nn.Module):
     @torch.no_grad()
     def cost_matrix(self, logits: Tensor, pred_boxes: Tensor, target_classes: Tensor,
                     target_boxes: Tensor) -> Tensor:
-        """Matching cost of every prediction against every target of the batch.
+        """Matching cost of every prediction against targets.
 
         Args:
             logits: (L, B, Q, C + 1) class logits of L decoder layers.
             pred_boxes: (L, B, Q, 4) normalised cxcywh.
-            target_classes: (T,) class ids of all targets of the batch, concatenated.
-            target_boxes: (T, 4) normalised cxcywh.
+            target_classes: (T,) targets shared by every image, or (B, n) each image's own targets
+                (padded to a common n).
+            target_boxes: (T, 4) or (B, n, 4) normalised cxcywh, likewise.
         Returns:
-            (L, B, Q, T) cost; only the columns of an image's own targets are used.
+            (L, B, Q, T) or (L, B, Q, n) cost.
         """
+        if target_classes.ndim == 1:
+            target_classes, target_boxes = target_classes[None], target_boxes[None]
+        num_layers, batch, num_queries = logits.shape[:3]
         prob = logits.float().softmax(-1)
         pred_boxes = pred_boxes.float()
-        cost_class = -prob[..., target_classes]
-        cost_bbox = (pred_boxes[..., None, :] - target_boxes).abs().sum(-1)
+        index = target_classes[None, :, None, :].expand(num_layers, batch, num_queries, -1)
+        cost_class = -prob.gather(-1, index)  # (L, B, Q, n)
+        cost_bbox = (pred_boxes[..., :, None, :] - target_boxes[:, None, :, :]).abs().sum(-1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
         return self.bbox_cost * cost_bbox + self.class_cost * cost_class + self.giou_cost * cost_giou
 
@@ -161,11 +166,17 @@ class HungarianMatcher(torch.nn.Module):
         if sum(sizes) == 0:
             empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
             return [[empty] * len(sizes) for _ in range(logits.shape[0])]
-        target_classes = torch.cat([t["class_labels"] for t in labels]).to(logits.device)
-        target_boxes = torch.cat([t["boxes"] for t in labels]).to(logits.device, torch.float32)
-        # Clamped so a bad id cannot trigger a device-side assert before it is reported below.
-        safe_classes = target_classes.clamp(0, logits.shape[-1] - 1)
-        cost = self.cost_matrix(logits, pred_boxes, safe_classes, target_boxes)
+        device = logits.device
+        target_classes = torch.cat([t["class_labels"] for t in labels]).to(device)
+        target_boxes = torch.cat([t["boxes"] for t in labels]).to(device, torch.float32)
+        # Each image only against its own targets: (B, n_max) rows padded with a valid dummy box
+        # (the padding columns are never read), B times less work than against the whole batch.
+        # Classes are clamped so a bad id cannot trigger a device-side assert before it is reported.
+        padded_classes = pad_sequence([t["class_labels"].to(device) for t in labels], batch_first=True)
+        padded_boxes = pad_sequence([t["boxes"].to(device, torch.float32) for t in labels], batch_first=True,
+                                    padding_value=0.5)
+        cost = self.cost_matrix(logits, pred_boxes, padded_classes.clamp(0, logits.shape[-1] - 1),
+                                padded_boxes)  # (L, B, Q, n_max)
         # One device-to-host transfer for the cost of every layer and the targets to check.
         packed = torch.cat([cost.flatten(), target_classes.float(), target_boxes.flatten()]).cpu()
         cost, classes, boxes = packed.split([cost.numel(), len(target_classes), target_boxes.numel()])
@@ -174,8 +185,7 @@ class HungarianMatcher(torch.nn.Module):
         if not torch.isfinite(cost).all():
             raise ValueError("the matching cost is not finite: the model's predictions contain "
                              "NaN or Inf (check the learning rate, the inputs and the loss scale)")
-        columns = cost.split(sizes, dim=-1)  # B blocks of (L, B, Q, n_b)
-        return [[self._assign(columns[b][layer, b]) for b in range(len(sizes))]
+        return [[self._assign(cost[layer, b, :, :n]) for b, n in enumerate(sizes)]
                 for layer in range(cost.shape[0])]
 
     @staticmethod

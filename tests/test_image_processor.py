@@ -27,6 +27,7 @@ import torch
 import transformers
 from transformers.image_transforms import get_size_with_aspect_ratio as hf_get_size_with_aspect_ratio
 
+from modeling_detr_custom import image_processing_detr_custom as image_processing
 from modeling_detr_custom.image_processing_detr_custom import (
     DetrCustomImageProcessor,
     get_size_with_aspect_ratio,
@@ -284,6 +285,17 @@ def test_return_numpy_and_device_cpu():
     assert isinstance(as_numpy["pixel_values"], np.ndarray) and as_numpy["pixel_mask"].dtype == np.int64
     assert isinstance(as_numpy["labels"][0]["boxes"], np.ndarray)
     np.testing.assert_array_equal(as_numpy["pixel_values"], default["pixel_values"].numpy())
+
+
+def test_float32_resize_path_used_on_gpus_matches_cpu_uint8_path(monkeypatch):
+    """On a GPU every image is resized in float32; emulate that path on CPU to check it without a GPU."""
+    images = [PIL.Image.fromarray(photo(h, w, seed)) for seed, (h, w) in enumerate(SHAPES)]
+    processor = DetrCustomImageProcessor(size=SMALL)
+    uint8_path = processor(images)["pixel_values"]
+    monkeypatch.setattr(image_processing, "_resize_in_uint8", lambda image: False)
+    float_path = processor(images)["pixel_values"]
+    assert float_path.shape == uint8_path.shape
+    assert 0 < (float_path - uint8_path).abs().max() <= TOL_ONE_LEVEL
 
 
 @pytest.mark.gpu

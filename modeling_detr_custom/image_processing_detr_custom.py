@@ -202,6 +202,8 @@ def _to_rgb_chw(image: Any, index: int) -> torch.Tensor:
             raise ValueError(f"images[{index}] has size {image.height}x{image.width} (height x width); it is empty")
         tensor = _numpy_to_tensor(np.asarray(_pil_to_rgb(image))).permute(2, 0, 1)
     elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):  # also str/object arrays
+            raise ValueError(f"images[{index}] has dtype {image.dtype}; expected uint8 (0-255) or float (0-1)")
         tensor = _channels_first(_numpy_to_tensor(image), channels_last_first=True, index=index)
     elif isinstance(image, torch.Tensor):
         tensor = _channels_first(image.detach(), channels_last_first=False, index=index)

@@ -419,7 +419,9 @@ GOOD = photo(30, 40)
             ),
         ),
         ([{"pixel_values": GOOD}], None, {}, re.escape("images[0] is a <class 'dict'>")),
-        ([GOOD, np.zeros((30, 40, 3), np.int32)], None, {}, r"images\[1\] has dtype torch.int32"),
+        ([GOOD, np.zeros((30, 40, 3), np.int32)], None, {}, r"images\[1\] has dtype int32; expected uint8"),
+        ([torch.zeros(3, 30, 40, dtype=torch.int64)], None, {}, r"images\[0\] has dtype torch.int64; expected"),
+        ([GOOD, np.array([["a"]])], None, {}, r"images\[1\] has dtype <U1"),
         ([GOOD, np.zeros((30, 40, 2), np.uint8)], None, {}, r"images\[1\] has shape \(30, 40, 2\)"),
     ],
 )

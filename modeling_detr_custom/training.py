@@ -415,9 +415,30 @@ def create_model(args: Any, id2label: Mapping[int, str], label_to_category_id: M
         if args.backbone_weights != "none":
             # "timm" downloads the ImageNet weights of config.backbone; a path loads a local file
             model.load_pretrained_backbone(None if args.backbone_weights == "timm" else args.backbone_weights)
+        else:
+            revive_zero_init_batch_norms(model)
     model.config.label_to_category_id = {int(k): int(v) for k, v in label_to_category_id.items()}
     model.config.contiguous_labels = bool(args.contiguous_labels)
     return model
+
+
+def revive_zero_init_batch_norms(model: torch.nn.Module) -> int:
+    """Set to 1 the frozen BatchNorm scales that a random timm ResNet starts at 0; returns how many.
+
+    timm zero-initialises the last BatchNorm of every residual block (``zero_init_last``) so that
+    each block starts as the identity and the BatchNorm learns its scale. DETR freezes BatchNorm,
+    so a random backbone would keep those scales at 0 forever: every residual branch dead, the
+    backbone reduced to its stem and shortcut convolutions, unable to learn shapes. Pretrained
+    weights overwrite these buffers, so only ``--backbone_weights none`` needs this.
+    """
+    revived = 0
+    for name, buffer in model.named_buffers():
+        if ".backbone." in f".{name}" and name.endswith(".weight") and buffer.numel() and not buffer.any():
+            buffer.fill_(1.0)
+            revived += 1
+    if revived:
+        logger.info("random backbone: %d zero-initialised frozen BatchNorm scales set to 1 (live residual branches)", revived)
+    return revived
 
 
 def load_for_finetuning(path: str, id2label: dict[int, str], overrides: str | None) -> DetrCustomForObjectDetection:

@@ -318,7 +318,8 @@ def test_metric_agrees_with_pycocotools_and_counts_each_image_once(tmp_path: Pat
 
 def test_train_end_to_end_writes_a_loadable_folder(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "run"
-    results = TRAIN["main"](tiny_run_args(out, cache_dir, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))
+    results = TRAIN["main"](tiny_run_args(out, cache_dir, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
+                                          "--report_to", "tensorboard"))
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "global_step", "num_processes"):
         assert key in results
     assert read_json(out / "all_results.json") == json.loads(json.dumps(results))
@@ -335,6 +336,7 @@ def test_train_end_to_end_writes_a_loadable_folder(tmp_path: Path, cache_dir: Pa
     for name in ("modeling_detr_custom.py", "configuration_detr_custom.py", "loss_detr_custom.py", "image_processing_detr_custom.py"):
         assert (out / name).is_file()
     assert not (out / "training.py").exists(), "training helpers are not remote code"
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "--report_to tensorboard logs"
     # scripts/evaluate.py on the same data gives the training's final evaluation
     metrics_file = tmp_path / "eval.json"
     evaluated = EVALUATE["main"](["--model", str(out), "--cache_dir", str(cache_dir), "--synthetic_num_train", "8",
@@ -442,7 +444,7 @@ def test_finetune_from_saved_model_with_a_new_label_set(tmp_path: Path, cache_di
     out = tmp_path / "finetuned"
     TRAIN["main"](["--model_name_or_path", str(source), "--coco_dir", str(coco), "--contiguous_labels", "--output_dir",
                    str(out), "--max_steps", "1", "--per_device_train_batch_size", "2", "--picture_images", "0",
-                   "--cache_dir", str(tmp_path / "cache"), "--checkpointing_epochs", "0"])
+                   "--cache_dir", str(tmp_path / "cache"), "--checkpointing_epochs", "0", "--mixed_precision", "bf16"])
     config = read_json(out / "config.json")
     assert config["id2label"] == {"0": "box", "1": "other"} and config["label_to_category_id"] == {"0": 1, "1": 3}
     before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")

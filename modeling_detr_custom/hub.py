@@ -234,7 +234,8 @@ def _eval_section(metrics: Mapping[str, float], eval_file: Path | None, results:
 
 _ARG_NAMES = {  # training_args.json key -> how the card names it; only these are shown, in this order
     "model_config": "model preset", "config_overrides": "config overrides", "model_name_or_path": "initialised from",
-    "backbone_weights": "backbone weights", "image_size": "image short side (px)", "max_size": "image long side max (px)",
+    "backbone_weights": "backbone weights", "image_size": "image short side (px)",
+    "max_size": "image long side max (px)",
     "no_augmentation": "augmentation off", "learning_rate": "learning rate", "backbone_learning_rate":
     "backbone learning rate", "weight_decay": "weight decay", "max_grad_norm": "gradient clipping (max norm)",
     "per_device_train_batch_size": "batch size per device", "gradient_accumulation_steps": "gradient accumulation",
@@ -248,8 +249,9 @@ _RESULT_NAMES = {"global_step": "optimizer steps done", "epoch": "epochs done", 
 def _training_section(info: Mapping[str, Any]) -> str:
     """A table of the recorded recipe; a plain sentence when nothing was recorded."""
     args, results = info["args"], info["results"]
-    rows = [(name, args[k]) for k, name in _ARG_NAMES.items() if args.get(k) not in (None, "", False)]
-    rows += [(name, results[k]) for k, name in _RESULT_NAMES.items() if results.get(k) not in (None, "")]
+    shown = lambda value: value is not None and value != "" and value is not False  # noqa: E731 - 0 is a value
+    rows = [(name, args[k]) for k, name in _ARG_NAMES.items() if shown(args.get(k))]
+    rows += [(name, results[k]) for k, name in _RESULT_NAMES.items() if shown(results.get(k))]
     if not rows:
         return ("The training recipe of this checkpoint was not recorded (no `training_args.json` or results file "
                 "next to the weights). The original DETR recipe is AdamW, lr 1e-4 (backbone 1e-5), weight decay "
@@ -387,7 +389,8 @@ with torch.no_grad():
 found = pipeline("object-detection", model=folder, trust_remote_code=True)(images[0], threshold=0.0)
 torch.save({
     "pixel_values": inputs["pixel_values"], "pixel_mask": inputs["pixel_mask"],
-    "logits": outputs.logits, "pred_boxes": outputs.pred_boxes, "base_last_hidden_state": base_outputs.last_hidden_state,
+    "logits": outputs.logits, "pred_boxes": outputs.pred_boxes,
+    "base_last_hidden_state": base_outputs.last_hidden_state,
     "pipeline": found,
     "classes": [type(o).__module__ + "." + type(o).__name__ for o in (config, processor, detector, base)],
     "package_importable": importlib.util.find_spec("modeling_detr_custom") is not None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,8 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], lis
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
-                skipped.append({"path": str(path), "reason": f"folder holds no image file ({', '.join(IMAGE_EXTENSIONS)})"})
+                reason = f"folder holds no image file ({', '.join(IMAGE_EXTENSIONS)})"
+                skipped.append({"path": str(path), "reason": reason})
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -134,7 +135,8 @@ def detect(model: Any, processor: Any, images: Sequence[PIL.Image.Image], thresh
     sizes = torch.tensor([[im.height, im.width] for im in images], device=device)
     results = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes)
     id2label = model.config.id2label
-    return [[{"label": id2label.get(int(label), str(int(label))), "label_id": int(label), "score": round(float(score), 5),
+    return [[{"label": id2label.get(int(label), str(int(label))), "label_id": int(label),
+              "score": round(float(score), 5),
               "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), (round(float(v), 2) for v in box)))}
              for score, label, box in zip(r["scores"].cpu(), r["labels"].cpu(), r["boxes"].cpu())]
             for r in results]

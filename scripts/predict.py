@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = Path(args.output_dir) / "detections.json"
     if not report["images"]:
-        print(f"error: none of the {len(report['skipped'])} input(s) is a readable image; see {results}", file=sys.stderr)
+        print(f"error: none of the {len(report['skipped'])} input(s) is a readable image; see {results}",
+              file=sys.stderr)
         return 1
     print(f"{len(report['images'])} image(s) processed, {len(report['skipped'])} skipped; detections in {results}")
     return 0

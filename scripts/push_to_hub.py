@@ -34,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upload", action="store_true", help="with --local_dir: upload the folder after building it")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--commit_message", help="message of the upload commit")
-    p.add_argument("--metrics_file", help="evaluation JSON (default: all_results.json or eval_results.json in model_dir)")
-    p.add_argument("--license", default=DEFAULT_LICENSE, help=f"Hub license id for the card (default {DEFAULT_LICENSE})")
+    p.add_argument("--metrics_file",
+                   help="evaluation JSON (default: all_results.json or eval_results.json in model_dir)")
+    p.add_argument("--license", default=DEFAULT_LICENSE,
+                   help=f"Hub license id for the card (default {DEFAULT_LICENSE})")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`)")
     return p
 

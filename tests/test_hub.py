@@ -168,7 +168,8 @@ def test_metrics_must_be_fractions(tmp_path: Path) -> None:
     assert hub.read_metrics(path) == {"AP": 0.25}  # transformers' eval_ prefix; NaN = not evaluated
 
 
-def test_bad_repo_id_and_local_dir_are_refused_before_anything_is_built(model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_bad_repo_id_and_local_dir_are_refused_before_anything_is_built(model_dir: Path, tmp_path: Path,
+                                                                        capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         PUSH.main(["--model_dir", str(model_dir), "--repo_id", "not a/valid/id", "--local_dir", str(tmp_path / "o")])
     assert exit_info.value.code == 2 and "invalid Hub repo id 'not a/valid/id'" in capsys.readouterr().err
@@ -177,7 +178,8 @@ def test_bad_repo_id_and_local_dir_are_refused_before_anything_is_built(model_di
     with pytest.raises(HubError, match="is not empty and is not a previous upload folder"):
         hub.build_model_folder(model_dir, REPO_ID, tmp_path / "mine", verify=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    assert PUSH.main(["--model_dir", str(tmp_path / "nope"), "--repo_id", REPO_ID, "--local_dir", str(tmp_path / "o")]) == 1
+    missing = ["--model_dir", str(tmp_path / "nope"), "--repo_id", REPO_ID, "--local_dir", str(tmp_path / "o")]
+    assert PUSH.main(missing) == 1
     assert "model folder not found" in capsys.readouterr().err
 
 
@@ -186,7 +188,8 @@ def _outputs_in_this_process(folder: Path) -> dict:
     the `built` fixture): saves a process start per test."""
     model, processor = hub.load_source(folder)
     outputs = hub.reference_outputs(model, processor, hub.verification_images())
-    outputs["pipeline"] = [{**d, "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), d["box"]))} for d in outputs["pipeline"]]
+    outputs["pipeline"] = [{**d, "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), d["box"]))}
+                           for d in outputs["pipeline"]]
     return {**outputs, "classes": ["transformers_modules.x.y.DetrCustomConfig"]}
 
 
@@ -283,7 +286,8 @@ def fake_hub(monkeypatch):
     return FakeApi
 
 
-def test_upload_sends_the_built_folder_then_pins_the_revision_in_the_card(fake_hub, model_dir: Path, tmp_path: Path) -> None:
+def test_upload_sends_the_built_folder_then_pins_the_revision_in_the_card(fake_hub, model_dir: Path,
+                                                                          tmp_path: Path) -> None:
     folder = hub.push_model_folder(model_dir, "detr-test", local_dir=tmp_path / "out", private=True,
                                    commit_message="first model")
     (create, upload, readme) = fake_hub.calls
@@ -311,7 +315,8 @@ def _http_error(status: int) -> Exception:
     return HfHubHTTPError(f"{status} error", response=httpx2.Response(status, request=request))
 
 
-@pytest.mark.parametrize("status, expected", [(401, "rejected the token"), (403, "may not write to 'someone/detr-test'"),
+@pytest.mark.parametrize("status, expected", [(401, "rejected the token"),
+                                              (403, "may not write to 'someone/detr-test'"),
                                               (400, "rejected the repo id 'someone/detr-test'")])
 def test_hub_refusals_are_explained(fake_hub, built: Path, status: int, expected: str) -> None:
     fake_hub.fail = _http_error(status)

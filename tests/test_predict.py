@@ -122,8 +122,9 @@ def test_batches_give_the_pipelines_detections(random_model: Path, image_dir: Pa
 
 def test_draw_detections_outlines_each_box_in_its_label_colour_with_a_filled_tag() -> None:
     image = Image.new("RGB", (200, 150), (128, 128, 128))
-    detections = [{"label": "circle", "label_id": 0, "score": 0.9, "box": {"xmin": 20, "ymin": 40, "xmax": 90, "ymax": 120}},
-                  {"label": "square", "label_id": 1, "score": 0.8, "box": {"xmin": 110, "ymin": 5, "xmax": 190, "ymax": 60}}]
+    detections = [
+        {"label": "circle", "label_id": 0, "score": 0.9, "box": {"xmin": 20, "ymin": 40, "xmax": 90, "ymax": 120}},
+        {"label": "square", "label_id": 1, "score": 0.8, "box": {"xmin": 110, "ymin": 5, "xmax": 190, "ymax": 60}}]
     pixels = np.asarray(draw_detections(image, detections))
     width = line_width(image.size)
     for det in detections:
@@ -159,7 +160,8 @@ def test_missing_model_folder_is_a_clear_error(image_dir: Path, tmp_path: Path, 
 
 def test_no_readable_image_at_all_fails(random_model: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "a.txt").write_text("text")
-    assert PREDICT.main(["--model", str(random_model), str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "o")]) == 1
+    text_only = ["--model", str(random_model), str(tmp_path / "a.txt"), "--output_dir", str(tmp_path / "o")]
+    assert PREDICT.main(text_only) == 1
     err = capsys.readouterr().err
     assert "skipped" in err and "none of the 1 input(s) is a readable image" in err
     with pytest.raises(SystemExit):

@@ -210,7 +210,8 @@ def global_num_boxes(labels: list[dict], device: torch.device) -> Tensor:
     Summed over all processes, divided by the world size once (transformers 5.23 divides
     twice), so N processes give the same box-loss gradients as one process with the whole batch.
     """
-    num_boxes = torch.tensor(float(sum(len(t["class_labels"]) for t in labels)), device=device)
+    # torch.full is a fill kernel; torch.tensor(..., device=cuda) would copy and wait for the GPU.
+    num_boxes = torch.full((), float(sum(len(t["class_labels"]) for t in labels)), device=device)
     world_size = _world_size()
     if world_size > 1:
         torch.distributed.all_reduce(num_boxes)
@@ -313,7 +314,8 @@ class SetCriterion(torch.nn.Module):
     @torch.no_grad()
     def _cardinality_error(logits: Tensor, labels: list[dict]) -> Tensor:
         """(L,) mean |number of non-"no object" predictions - number of targets| per layer (logged only)."""
-        counts = torch.tensor([len(t["class_labels"]) for t in labels], device=logits.device)
+        counts = torch.tensor([len(t["class_labels"]) for t in labels])
+        counts = counts.to(logits.device, non_blocking=True)  # a blocking copy would wait for the GPU
         predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(-1)  # (L, B)
         return (predicted.float() - counts.float()).abs().mean(-1)
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (PHOTO_SIZES, build_pair, configure_threads, environment, padded_batch,  # noqa: E402
+from common import (build_pair, configure_threads, environment, padded_batch,  # noqa: E402
                     peak_rss_mib, photo_like, random_labels, summarise, synchronize, write_json)
 
 PATHS = ("forward", "pipeline", "train", "loss", "rss")

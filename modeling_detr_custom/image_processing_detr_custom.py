@@ -27,14 +27,16 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-import PIL.Image
-import PIL.ImageOps
+import numpy as np  # a hard requirement of torch, transformers and scipy: never missing
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
-from transformers.utils import logging
+from transformers.utils import is_vision_available, logging
+
+if is_vision_available():  # Pillow is optional for transformers; without it, tensors and arrays still work
+    import PIL.Image
+    import PIL.ImageOps
 
 
 logger = logging.get_logger(__name__)
@@ -157,7 +159,11 @@ def _as_image_list(images: Any) -> list[Any]:
     return items
 
 
-def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+def _is_pil(image: Any) -> bool:
+    return is_vision_available() and isinstance(image, PIL.Image.Image)
+
+
+def _pil_to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
     """Apply EXIF orientation and convert to RGB. Copies only when something has to change (big images)."""
     orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     if orientation not in (None, 1):
@@ -197,7 +203,7 @@ def _channels_first(tensor: torch.Tensor, channels_last_first: bool, index: int)
 
 def _to_rgb_chw(image: Any, index: int) -> torch.Tensor:
     """Any supported image -> (3, H, W) uint8 or float tensor on its original device, a view where possible."""
-    if isinstance(image, PIL.Image.Image):
+    if _is_pil(image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"images[{index}] has size {image.height}x{image.width} (height x width); it is empty")
         tensor = _numpy_to_tensor(np.asarray(_pil_to_rgb(image))).permute(2, 0, 1)

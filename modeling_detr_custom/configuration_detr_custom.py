@@ -41,6 +41,9 @@ class DetrCustomConfig(PreTrainedConfig):
             (the classification loss has weight 1).
         eos_coefficient: class weight of "no object" in the classification loss.
         freeze_backbone_stem: freeze the backbone stem and first stage, as the original does.
+        backbone_fold_batch_norm / backbone_channels_last: speed settings that change only float
+            rounding, not the math or the state dict: apply each frozen BatchNorm through the
+            convolution before it, and feed the backbone channels-last images.
         init_xavier_std: gain of the xavier_uniform init of transformer weights.
         id2label / label2id: class names; the class head has `num_labels + 1` outputs, the last
             being "no object". Defaults to COCO's 91 raw ids.
@@ -73,6 +76,8 @@ class DetrCustomConfig(PreTrainedConfig):
         giou_loss_coefficient: float = 2.0,
         eos_coefficient: float = 0.1,
         freeze_backbone_stem: bool = True,
+        backbone_fold_batch_norm: bool = True,
+        backbone_channels_last: bool = True,
         init_xavier_std: float = 1.0,
         num_channels: int = 3,
         **kwargs,
@@ -103,6 +108,8 @@ class DetrCustomConfig(PreTrainedConfig):
         self.giou_loss_coefficient = giou_loss_coefficient
         self.eos_coefficient = eos_coefficient
         self.freeze_backbone_stem = freeze_backbone_stem
+        self.backbone_fold_batch_norm = backbone_fold_batch_norm
+        self.backbone_channels_last = backbone_channels_last
         self.init_xavier_std = init_xavier_std
         self.num_channels = num_channels
         super().__init__(**kwargs)

@@ -185,8 +185,8 @@ class DetrCustomBackbone(nn.Module):
         self.first_stage = body.feature_info.info[1]["module"].replace(".", "_")
         self.body = freeze_batch_norm_2d(body)
         self.num_channels = body.feature_info.channels()[-1]
-        self.channels_last = getattr(config, "backbone_channels_last", True)
-        if getattr(config, "backbone_fold_batch_norm", True):
+        self.channels_last = config.backbone_channels_last
+        if config.backbone_fold_batch_norm:
             fold_frozen_batch_norms(self.body)
         if config.freeze_backbone_stem:
             self.freeze_stem()

@@ -308,3 +308,26 @@ def test_outputs_on_request_and_as_tuple(model):
     torch.testing.assert_close(out.logits, plain.logits, atol=1e-5, rtol=0)  # explicit softmax path = SDPA
     assert plain.encoder_hidden_states is None and isinstance(as_tuple, tuple)
     assert torch.equal(as_tuple[0], plain.logits)
+
+
+def test_folded_batch_norm_and_channels_last_change_only_rounding():
+    """The speed settings keep the math, the state dict and the gradients of the plain backbone."""
+    torch.manual_seed(0)
+    fast = DetrCustomForObjectDetection(tiny_config(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0))
+    plain = DetrCustomForObjectDetection(tiny_config(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                                                     backbone_fold_batch_norm=False, backbone_channels_last=False))
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    with torch.no_grad():  # non-trivial frozen statistics, so a wrongly applied BatchNorm would show
+        for name, value in fast.state_dict().items():
+            if "running_var" in name or "running_mean" in name:
+                value.uniform_(0.5, 1.5)
+    plain.load_state_dict(fast.state_dict())
+    pixel_values, pixel_mask = padded_batch()
+    labels = random_labels([2, 1])
+    out_fast, out_plain = fast(pixel_values, pixel_mask, labels=labels), plain(pixel_values, pixel_mask, labels=labels)
+    torch.testing.assert_close(out_fast.logits, out_plain.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_fast.pred_boxes, out_plain.pred_boxes, atol=1e-5, rtol=1e-4)
+    out_fast.loss.backward()
+    out_plain.loss.backward()
+    grad = lambda m: m.model.backbone.body.layer4[0].conv1.weight.grad  # noqa: E731
+    torch.testing.assert_close(grad(fast), grad(plain), atol=1e-5, rtol=1e-3)

@@ -157,6 +157,9 @@ def test_card_without_run_records_says_so_and_has_no_model_index(tmp_path: Path)
     assert "model-index" not in hub.front_matter(card)
     assert "No COCO evaluation was saved" in card and "was not recorded" in card
     assert "TODO" not in card and "$" not in card
+    (folder / "stale.bin").write_text("left from an older build")  # a rebuild replaces a previous build whole
+    hub.build_model_folder(bare, REPO_ID, tmp_path / "out", verify=False)
+    assert not (folder / "stale.bin").exists() and (folder / "README.md").is_file()
 
 
 def test_metrics_must_be_fractions(tmp_path: Path) -> None:
@@ -173,11 +176,14 @@ def test_bad_repo_id_and_local_dir_are_refused_before_anything_is_built(model_di
     with pytest.raises(SystemExit) as exit_info:
         PUSH.main(["--model_dir", str(model_dir), "--repo_id", "not a/valid/id", "--local_dir", str(tmp_path / "o")])
     assert exit_info.value.code == 2 and "invalid Hub repo id 'not a/valid/id'" in capsys.readouterr().err
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    mine = tmp_path / "mine"  # someone's model folder, with a README of their own
+    shutil.copytree(model_dir, mine)
+    (mine / "README.md").write_text("# my notes")
     with pytest.raises(HubError, match="is not empty and is not a previous upload folder"):
-        hub.build_model_folder(model_dir, REPO_ID, tmp_path / "mine", verify=False)
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+        hub.build_model_folder(model_dir, REPO_ID, mine, verify=False)
+    assert (mine / "README.md").read_text() == "# my notes"
+    with pytest.raises(HubError, match="is or contains model_dir"):
+        hub.build_model_folder(model_dir, REPO_ID, model_dir.parent, verify=False)
     missing = ["--model_dir", str(tmp_path / "nope"), "--repo_id", REPO_ID, "--local_dir", str(tmp_path / "o")]
     assert PUSH.main(missing) == 1
     assert "model folder not found" in capsys.readouterr().err
@@ -288,8 +294,8 @@ def fake_hub(monkeypatch):
 
 def test_upload_sends_the_built_folder_then_pins_the_revision_in_the_card(fake_hub, model_dir: Path,
                                                                           tmp_path: Path) -> None:
-    folder = hub.push_model_folder(model_dir, "detr-test", local_dir=tmp_path / "out", private=True,
-                                   commit_message="first model")
+    folder = hub.push_model_folder(model_dir, "detr-test", private=True, commit_message="first model")
+    assert folder == model_dir.with_name(model_dir.name + "-hub")  # the default: beside the model folder
     (create, upload, readme) = fake_hub.calls
     assert create[1] == "detr-test" and create[2]["private"] is True and create[2]["exist_ok"] is True
     assert upload[2]["folder_path"] == folder and upload[2]["commit_message"] == "first model"

@@ -199,8 +199,9 @@ def _dataset_info(args: Mapping[str, Any]) -> dict[str, Any]:
     spec = ", ".join(f"{k[len('synthetic_'):]}={v}" for k, v in sorted(args.items())
                      if k.startswith("synthetic_") and v is not None)
     return {"hub_id": None, "id": "detr-custom-synthetic-shapes", "synthetic": True,
-            "text": "detr-custom's built-in synthetic dataset: solid coloured circles, squares and triangles on plain "
-                    "or noisy backgrounds (`modeling_detr_custom/synthetic.py`)" + (f"; {spec}." if spec else ".")}
+            "text": "detr-custom's built-in synthetic dataset: solid coloured shapes (circles, squares, triangles, "
+                    "bars, as many classes as configured) on plain or noisy backgrounds "
+                    "(`modeling_detr_custom/synthetic.py`)" + (f"; {spec}." if spec else ".")}
 
 
 def _model_index(model_name: str, metrics: Mapping[str, float], dataset: Mapping[str, Any],
@@ -240,7 +241,7 @@ _ARG_NAMES = {  # training_args.json key -> how the card names it; only these ar
     "model_config": "model preset", "config_overrides": "config overrides", "model_name_or_path": "initialised from",
     "backbone_weights": "backbone weights", "image_size": "image short side (px)",
     "max_size": "image long side max (px)",
-    "no_augmentation": "augmentation off", "learning_rate": "learning rate", "backbone_learning_rate":
+    "augmentation": "DETR augmentation (flip, multi-scale, crop)", "learning_rate": "learning rate", "backbone_learning_rate":
     "backbone learning rate", "weight_decay": "weight decay", "max_grad_norm": "gradient clipping (max norm)",
     "per_device_train_batch_size": "batch size per device", "gradient_accumulation_steps": "gradient accumulation",
     "num_train_epochs": "epochs", "max_steps": "max steps", "lr_drop_epochs": "lr x0.1 every N epochs",
@@ -253,9 +254,10 @@ _RESULT_NAMES = {"global_step": "optimizer steps done", "epoch": "epochs done", 
 def _training_section(info: Mapping[str, Any]) -> str:
     """A table of the recorded recipe; a plain sentence when nothing was recorded."""
     args, results = info["args"], info["results"]
-    shown = lambda value: value is not None and value != "" and value is not False  # noqa: E731 - 0 is a value
-    rows = [(name, args[k]) for k, name in _ARG_NAMES.items() if shown(args.get(k))]
-    rows += [(name, results[k]) for k, name in _RESULT_NAMES.items() if shown(results.get(k))]
+    shown = lambda value: value is not None and value != ""  # noqa: E731 - 0 and False are settings too
+    cell = lambda value: ("yes" if value else "no") if isinstance(value, bool) else value  # noqa: E731
+    rows = [(name, cell(args[k])) for k, name in _ARG_NAMES.items() if shown(args.get(k))]
+    rows += [(name, cell(results[k])) for k, name in _RESULT_NAMES.items() if shown(results.get(k))]
     if not rows:
         return ("The training recipe of this checkpoint was not recorded (no `training_args.json` or results file "
                 "next to the weights). The original DETR recipe is AdamW, lr 1e-4 (backbone 1e-5), weight decay "

@@ -651,5 +651,6 @@ def push_model_folder(model_dir: str | os.PathLike, repo_id: str, local_dir: str
     return folder
 
 
-__all__ = ["HubError", "VerificationError", "UploadError", "check_repo_id", "push_model_folder", "build_model_folder",
-           "verify_folder", "upload_folder", "render_model_card", "front_matter", "read_metrics", "default_local_dir"]
+__all__ = ["HubError", "VerificationError", "UploadError", "check_repo_id", "check_can_upload", "push_model_folder",
+           "build_model_folder", "verify_folder", "upload_folder", "render_model_card", "front_matter", "read_metrics",
+           "default_local_dir"]

@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"fresh model: 'timm' (ImageNet, downloads), 'none' (random) or a local file; {PRESET_HELP}")
     model.add_argument("--image_size", type=int, help=f"short side for evaluation and largest training scale; {PRESET_HELP}")
     model.add_argument("--max_size", type=int, help="long-side limit (default 1333 * image_size / 800)")
-    model.add_argument("--no_augmentation", action="store_true", help="no flip/multi-scale/crop: only resize")
+    model.add_argument("--augmentation", dest="augmentation", action="store_const", const=True, default=None,
+                       help=f"DETR's flip + multi-scale + crop, scaled to --image_size; {PRESET_HELP} (demo: off)")
+    model.add_argument("--no_augmentation", dest="augmentation", action="store_const", const=False,
+                       help="no flip/multi-scale/crop: only resize")
 
     train = p.add_argument_group("training")
     train.add_argument("--output_dir", default="outputs/detr-custom")
@@ -109,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracker_project_name", default="detr_custom")
     run.add_argument("--picture_images", type=int, default=4, help="validation images in detections.png (0: none)")
     run.add_argument("--dump_first_step", help="debugging: save the first step's loss and gradients to this file")
+    hub = p.add_argument_group("Hub (the same code path as scripts/push_to_hub.py)")
+    hub.add_argument("--push_to_hub", action="store_true", help="upload the final model folder with a model card")
+    hub.add_argument("--hub_model_id", help="repo id, e.g. you/detr-shapes (required with --push_to_hub)")
+    hub.add_argument("--hub_private_repo", action="store_true", help="create the repo private")
     return p
 
 
@@ -124,6 +131,8 @@ def load_options_file(path: str, parser: argparse.ArgumentParser) -> dict[str, A
     if not isinstance(options, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values, got {type(options).__name__}")
     options = {str(k).replace("-", "_"): v for k, v in options.items()}
+    if "no_augmentation" in options:  # the flag's name, as a file key
+        options["augmentation"] = not options.pop("no_augmentation")
     known = {a.dest for a in parser._actions} - {"help", "config"}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -140,13 +149,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_hub_options(args: argparse.Namespace) -> None:
+    """Fail in seconds, not after training: a bad repo id, offline mode or no token."""
+    if not getattr(args, "push_to_hub", False):
+        return
+    from modeling_detr_custom.hub import HubError, check_can_upload, check_repo_id
+
+    if not args.hub_model_id:
+        raise SystemExit("error: --push_to_hub needs --hub_model_id (e.g. you/detr-shapes)")
+    try:
+        check_repo_id(args.hub_model_id)
+        check_can_upload()
+    except (HubError, ValueError) as err:
+        raise SystemExit(f"error: --push_to_hub: {err}") from None
+
+
+def push_to_hub(args: argparse.Namespace) -> None:
+    """Upload the saved output_dir from the main process only; the built folder is kept on failure."""
+    from accelerate import PartialState
+
+    from modeling_detr_custom.hub import HubError, push_model_folder
+
+    if not PartialState().is_main_process:
+        return
+    try:
+        folder = push_model_folder(args.output_dir, args.hub_model_id, private=args.hub_private_repo)
+    except HubError as err:
+        print(f"error: training finished and {args.output_dir} is saved, but the upload failed: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"pushed {folder} to {args.hub_model_id}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    check_hub_options(args)
     try:
         results = run_training(args)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    if args.push_to_hub:
+        push_to_hub(args)
     return results
 
 

@@ -343,3 +343,19 @@ def test_offline_mode_and_missing_token_fail_before_any_request(fake_hub, built:
     with pytest.raises(UploadError, match="no Hugging Face token"):
         hub.upload_folder(built, REPO_ID)
     assert fake_hub.calls == []
+
+
+def test_train_push_to_hub_fails_before_training_when_it_cannot_upload(tmp_path, monkeypatch):
+    """train.py --push_to_hub checks the repo id and the upload path first: no epoch is wasted."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    monkeypatch.setattr(train, "run_training", lambda args: pytest.fail("training started"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit, match="needs --hub_model_id"):
+        train.main(["--output_dir", out, "--push_to_hub"])
+    with pytest.raises(SystemExit, match="--push_to_hub: .*offline mode"):
+        train.main(["--output_dir", out, "--push_to_hub", "--hub_model_id", "someone/detr-test"])

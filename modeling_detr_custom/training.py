@@ -23,13 +23,13 @@ absolute ``(x0, y0, x1, y1)`` pixels of the original image.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,10 +74,10 @@ METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"
 # synthetic shapes in about 10 minutes on a 2-core CPU (README); DETR from scratch learns slowly,
 # and a tiny random backbone, small images and few queries are what make CPU learning visible.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "demo": dict(backbone="test_resnet", d_model=256, encoder_layers=2, decoder_layers=2,
-                 encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=512,
-                 decoder_ffn_dim=512, num_queries=10, dropout=0.0, attention_dropout=0.0,
-                 activation_dropout=0.0),
+    "demo": dict(backbone="test_resnet", dilation=True, freeze_backbone_stem=False, d_model=256,
+                 encoder_layers=2, decoder_layers=2, encoder_attention_heads=8, decoder_attention_heads=8,
+                 encoder_ffn_dim=512, decoder_ffn_dim=512, num_queries=10, dropout=0.0,
+                 attention_dropout=0.0, activation_dropout=0.0),
     "tiny": dict(backbone="test_resnet", d_model=32, encoder_layers=1, decoder_layers=2,
                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                  decoder_ffn_dim=64, num_queries=12),
@@ -87,16 +87,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 # Training defaults per preset, used for every option left unset on the command line / file.
 # `r50` is the original DETR recipe (COCO, 300 epochs, lr x0.1 at 200).
 TRAINING_PRESETS: dict[str, dict[str, Any]] = {
-    "demo": dict(image_size=128, learning_rate=2e-4, backbone_learning_rate=2e-4, num_train_epochs=60,
-                 lr_drop_epochs=45, per_device_train_batch_size=8, backbone_weights="none"),
+    "demo": dict(image_size=64, learning_rate=2e-4, backbone_learning_rate=2e-4, num_train_epochs=24,
+                 lr_drop_epochs=18, per_device_train_batch_size=8, backbone_weights="none", augmentation=False),
     "tiny": dict(image_size=64, learning_rate=1e-4, backbone_learning_rate=1e-5, num_train_epochs=1,
-                 lr_drop_epochs=None, per_device_train_batch_size=2, backbone_weights="none"),
+                 lr_drop_epochs=None, per_device_train_batch_size=2, backbone_weights="none", augmentation=True),
     "r50": dict(image_size=800, learning_rate=1e-4, backbone_learning_rate=1e-5, num_train_epochs=300,
-                lr_drop_epochs=200, per_device_train_batch_size=2, backbone_weights="timm"),
+                lr_drop_epochs=200, per_device_train_batch_size=2, backbone_weights="timm", augmentation=True),
 }
 
 # The built-in dataset when no dataset argument is given (scripts/make_synthetic_coco.py writes the same).
-SYNTHETIC_DEFAULTS: dict[str, Any] = dict(num_train=512, num_val=64, image_size=128, num_classes=3,
+SYNTHETIC_DEFAULTS: dict[str, Any] = dict(num_train=2048, num_val=128, image_size=64, num_classes=3,
                                           min_shapes=1, max_shapes=3, seed=0)
 _SYNTHETIC_VERSION = 1
 
@@ -315,7 +315,7 @@ def max_size_for(args: Any) -> int:
 def make_train_transform(args: Any) -> Compose | None:
     """DETR's augmentation with every size scaled to ``--image_size``; None with ``--no_augmentation``
     (the processor then only resizes)."""
-    if args.no_augmentation:
+    if not args.augmentation:
         return None
     kwargs = scaled_train_transform_kwargs(args.image_size)
     kwargs["max_size"] = max_size_for(args)
@@ -622,7 +622,7 @@ def predict(model: torch.nn.Module, dataloader: Iterable, processor: DetrCustomI
     model.eval()
     predictions = []
     for batch in dataloader:
-        with accelerator.autocast() if accelerator is not None else _null_context():
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
             outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
         targets = labels_to_device_free(batch["labels"])
         sizes = torch.stack([t["orig_size"] for t in targets])
@@ -631,14 +631,6 @@ def predict(model: torch.nn.Module, dataloader: Iterable, processor: DetrCustomI
         results = [{k: v.float().cpu() for k, v in r.items()} for r in results]
         predictions += predictions_from_post_processed(results, [t["image_id"] for t in targets])
     return predictions
-
-
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def gather_predictions(predictions: list[dict], accelerator: Any) -> list[dict]:
@@ -808,7 +800,7 @@ class Job:
 
 def make_accelerator(args: Any) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 
     report_to = None if args.report_to in (None, "none") else args.report_to
     return Accelerator(
@@ -816,6 +808,8 @@ def make_accelerator(args: Any) -> Any:
         log_with=report_to, project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
         # our sampler is seeded by (seed, epoch) already; accelerate must not replace it
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
+        # the only buffers are frozen BatchNorm statistics and loss weights: nothing to re-broadcast each step
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         cpu=args.cpu)
 
 

@@ -1,18 +1,22 @@
-"""torch.compile takes the model-only forward whole, and compiled and eager forwards agree.
+"""Speed work must not change results (issue 6).
 
-Issue 6: no graph breaks in the eval forward (so torch.compile gives one graph, and CUDA graphs /
-fused kernels cover the whole model), and compilation must not change results (within 1e-4).
-The inductor test compiles C++ kernels, several minutes on a 2-core CPU, so it is marked slow;
-the default suite checks the graph (no breaks) and the traced program (aot_eager) instead.
+- torch.compile takes the model-only forward whole: no graph breaks (one graph, so fused kernels and
+  CUDA graphs cover the whole model), and compiled and eager forwards agree within 1e-4. The inductor
+  test compiles C++ kernels, several minutes on a 2-core CPU, so it is marked slow; the default suite
+  checks the graph (no breaks) and the traced program (aot_eager) instead.
+- The backbone speed settings (frozen BatchNorms folded into the convolutions, channels-last images)
+  change only float rounding: same state dict, same outputs and gradients as with them off.
 """
 
+import copy
 import shutil
 
 import pytest
 import torch
 
-from conftest import padded_batch, tiny_config
+from conftest import padded_batch, random_labels, tiny_config
 from modeling_detr_custom import DetrCustomForObjectDetection
+from modeling_detr_custom.modeling_detr_custom import FoldedBatchNormConv2d, PassThroughBatchNorm2d
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +69,67 @@ def test_inductor_compiled_forward_matches_eager(model_and_batch):
         assert_same_detections(out, model(pixel_values, pixel_mask))
         # a second call reuses the compiled graph (no recompilation for the same shapes)
         assert_same_detections(compiled(pixel_values, pixel_mask), model(pixel_values, pixel_mask))
+
+
+# ----------------------------------------------------------------------------- backbone speed settings
+
+SETTINGS_OFF = {"backbone_fold_batch_norm": False, "backbone_channels_last": False}
+
+
+def randomised_pair():
+    """(default model, the same weights with the speed settings off), random frozen-BN statistics."""
+    torch.manual_seed(0)
+    fast = DetrCustomForObjectDetection(tiny_config())
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, buffer in fast.model.backbone.named_buffers():
+            if name.endswith(("running_var", "weight")):
+                buffer.copy_(torch.rand(buffer.shape, generator=generator) * 0.5 + 0.75)
+            elif name.endswith(("running_mean", "bias")):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+    plain = DetrCustomForObjectDetection(tiny_config(**SETTINGS_OFF))
+    assert list(plain.state_dict()) == list(fast.state_dict())  # same keys, same order
+    plain.load_state_dict(fast.state_dict())
+    return fast, plain
+
+
+def test_frozen_batch_norms_are_folded_without_changing_the_state_dict():
+    fast, plain = randomised_pair()
+    folded = [m for m in fast.model.backbone.body.modules() if isinstance(m, FoldedBatchNormConv2d)]
+    passthrough = [m for m in fast.model.backbone.body.modules() if isinstance(m, PassThroughBatchNorm2d)]
+    assert len(folded) == len(passthrough) > 0
+    assert not any(isinstance(m, FoldedBatchNormConv2d) for m in plain.modules())
+    for conv in folded:  # each folded convolution reads a BatchNorm that is registered in the model
+        assert any(conv.batch_norm[0] is m for m in passthrough)
+    assert {n: p.requires_grad for n, p in fast.named_parameters()} == \
+        {n: p.requires_grad for n, p in plain.named_parameters()}
+
+
+def test_speed_settings_give_the_same_outputs():
+    fast, plain = randomised_pair()
+    pixel_values, pixel_mask = padded_batch()
+    with torch.no_grad():
+        assert_same_detections(fast.eval()(pixel_values, pixel_mask), plain.eval()(pixel_values, pixel_mask),
+                               atol=1e-5)
+        copied = copy.deepcopy(fast)  # the folded convolutions follow their own copies of the BatchNorms
+        assert_same_detections(copied(pixel_values, pixel_mask), fast(pixel_values, pixel_mask), atol=0)
+
+
+def test_speed_settings_give_the_same_gradients():
+    fast, plain = randomised_pair()
+    pixel_values, pixel_mask = padded_batch()
+    labels = random_labels([2, 3])
+    for model in (fast, plain):
+        model.config.dropout = model.config.attention_dropout = model.config.activation_dropout = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            elif hasattr(module, "dropout") and isinstance(module.dropout, float):
+                module.dropout = 0.0
+        model.train()(pixel_values, pixel_mask, labels=labels).loss.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    assert any("backbone" in n for n in grads)
+    for name, parameter in fast.named_parameters():
+        assert (parameter.grad is None) == (name not in grads), name
+        if parameter.grad is not None:
+            torch.testing.assert_close(parameter.grad, grads[name], atol=1e-5, rtol=1e-3, msg=name)

@@ -6,7 +6,7 @@ multi-scale 480..800 / crop branch) -> processor (normalise, pad, boxes to norma
 the evaluation path (decode -> processor resize to 800). Reported as images/s.
 
 Training steps: forward + set loss (Hungarian matching) + backward + clipping + fused AdamW on
-random padded batches, for the `demo` preset (128 px, batch 8), the `tiny` test config and
+random padded batches, for the `demo` preset (64 px, batch 8), the `tiny` test config and
 DETR-R50 (800 px, batch 2, the original recipe). Reported as s/step and images/s, median of the
 timed steps after warm-up.
 
@@ -161,12 +161,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     steps = 3 if a.quick else 10
     r50_size = 512 if a.quick else 800
-    runs = [("tiny", MODEL_PRESETS["tiny"], 64, 2, steps * 3), ("demo", MODEL_PRESETS["demo"], 128, 8, steps * 3),
+    runs = [("tiny", MODEL_PRESETS["tiny"], 64, 2, steps * 3), ("demo", MODEL_PRESETS["demo"], 64, 8, steps * 3),
             ("r50", MODEL_PRESETS["r50"], r50_size, 2, max(2, steps // 3 if a.device == "cpu" else steps))]
     results["train_steps"] = [bench_step(n, kw, size, batch, s, a.device) for n, kw, size, batch, s in runs]
     if a.device == "cuda":
         results["train_steps"].append(bench_step("r50", MODEL_PRESETS["r50"], 800, 2, steps, "cuda", torch.bfloat16))
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                              "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
                               "threads": torch.get_num_threads(), "machine": platform.machine(), "quick": a.quick}
     text = json.dumps(results, indent=2)
     print(text)

@@ -352,10 +352,11 @@ def test_train_end_to_end_writes_a_loadable_folder(tmp_path: Path, cache_dir: Pa
 
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path: Path, cache_dir: Path) -> None:
     """Augmentation, dropout, a warmup and an lr drop on, a resume in the middle of epoch 0 and a run
-    across the epoch boundary: still the same parameters (augmentation is seeded per image, RNG
-    states are restored, the lr is a function of the step)."""
+    across the epoch boundary, 2 dataloader workers in the uninterrupted run and none in the other:
+    still the same parameters (augmentation is seeded per image, RNG states are restored, the lr is
+    a function of the step)."""
     common = ("--lr_drop_epochs", "1", "--warmup_steps", "2", "--checkpointing_epochs", "0", "--picture_images", "0")
-    TRAIN["main"](tiny_run_args(tmp_path / "full", cache_dir, *common, steps=6))
+    TRAIN["main"](tiny_run_args(tmp_path / "full", cache_dir, *common, "--dataloader_num_workers", "2", steps=6))
     fresh_accelerate_state_reset()
     TRAIN["main"](tiny_run_args(tmp_path / "split", cache_dir, *common, steps=3))
     state = read_json(tmp_path / "split" / "checkpoints" / "checkpoint-3" / "training_state.json")

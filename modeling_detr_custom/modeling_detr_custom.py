@@ -443,34 +443,41 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
         """The original's init, applied to our own modules only (timm owns the backbone's).
 
         xavier_uniform on every transformer weight of dim > 1; the input projection, query
-        embeddings and heads keep PyTorch's defaults.
+        embeddings and heads keep PyTorch's defaults. Dispatches on the modules that hold the
+        parameters: transformers skips custom-code modules without parameters of their own, so
+        a head re-created for a new label set is initialised here too.
         """
         gain = self.config.init_xavier_std
+        kind = self._init_kinds().get(id(module))
         if isinstance(module, DetrCustomAttention):
             init.xavier_uniform_(module.in_proj_weight, gain=gain)
             init.zeros_(module.in_proj_bias)
             init.xavier_uniform_(module.out_proj.weight, gain=gain)
             init.zeros_(module.out_proj.bias)
-        elif isinstance(module, DetrCustomFeedForward):
-            for linear in (module.fc1, module.fc2):
-                linear.reset_parameters()
-                init.xavier_uniform_(linear.weight, gain=gain)
-        elif isinstance(module, (DetrCustomEncoderLayer, DetrCustomDecoderLayer, DetrCustomDecoder)):
-            for child in module.children():
-                if isinstance(child, nn.LayerNorm):
-                    child.reset_parameters()
-        elif isinstance(module, DetrCustomLearnedPositionEmbedding):
-            init.uniform_(module.row_embeddings.weight)
-            init.uniform_(module.column_embeddings.weight)
-        elif isinstance(module, DetrCustomModel):
-            module.input_projection.reset_parameters()
-            module.query_position_embeddings.reset_parameters()
-        elif isinstance(module, DetrCustomForObjectDetection):
-            module.class_labels_classifier.reset_parameters()
-            for linear in module.bbox_predictor.layers:
-                linear.reset_parameters()
         elif isinstance(module, SetCriterion):
             init.copy_(module.class_weight, class_weights(self.config))
+        elif kind == "learned_position":
+            init.uniform_(module.weight)
+        elif kind is not None:
+            module.reset_parameters()  # PyTorch's default init of Linear / Conv2d / Embedding / LayerNorm
+            if kind == "xavier":
+                init.xavier_uniform_(module.weight, gain=gain)
+
+    def _init_kinds(self) -> dict[int, str]:
+        """id(module) -> how to initialise it, for our leaf modules outside the backbone and attention."""
+        if "_init_kinds_cache" not in self.__dict__:
+            backbone = {id(m) for m in self.modules() if isinstance(m, DetrCustomBackbone) for m in m.modules()}
+            kinds = {id(m): "default" for m in self.modules()
+                     if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm)) and id(m) not in backbone}
+            for m in self.modules():
+                if isinstance(m, DetrCustomFeedForward):
+                    kinds[id(m.fc1)] = kinds[id(m.fc2)] = "xavier"
+                elif isinstance(m, DetrCustomLearnedPositionEmbedding):
+                    kinds[id(m.row_embeddings)] = kinds[id(m.column_embeddings)] = "learned_position"
+                elif isinstance(m, DetrCustomAttention):
+                    kinds.pop(id(m.out_proj), None)  # initialised with its attention module
+            self.__dict__["_init_kinds_cache"] = kinds
+        return self.__dict__["_init_kinds_cache"]
 
 
 def class_weights(config: DetrCustomConfig) -> Tensor:

@@ -331,3 +331,23 @@ def test_folded_batch_norm_and_channels_last_change_only_rounding():
     out_plain.loss.backward()
     grad = lambda m: m.model.backbone.body.layer4[0].conv1.weight.grad  # noqa: E731
     torch.testing.assert_close(grad(fast), grad(plain), atol=1e-5, rtol=1e-3)
+
+
+def test_a_head_recreated_for_new_labels_is_initialised(tmp_path, model):
+    """from_pretrained with a new label set re-creates the class head: it must get a real init."""
+    model.save_pretrained(tmp_path)
+    for _ in range(3):  # uninitialised memory would show as huge or NaN values in some of the runs
+        new = DetrCustomForObjectDetection.from_pretrained(
+            tmp_path, id2label={0: "a", 1: "b", 2: "c", 3: "d", 4: "e"}, ignore_mismatched_sizes=True)
+        weight = new.class_labels_classifier.weight
+        assert weight.shape == (6, 32) and torch.isfinite(weight).all()
+        assert weight.abs().max() <= 1 / 32 ** 0.5 + 1e-6  # nn.Linear's default bound
+        assert torch.equal(new.model.encoder.layers[0].self_attn.in_proj_weight,
+                           model.model.encoder.layers[0].self_attn.in_proj_weight)
+
+
+def test_feed_forward_weights_get_the_originals_xavier_init(config):
+    model = DetrCustomForObjectDetection(config)
+    fc1 = model.model.encoder.layers[0].mlp.fc1.weight  # (ffn, d)
+    bound = (6 / sum(fc1.shape)) ** 0.5
+    assert fc1.abs().max() <= bound and fc1.abs().max() > 0.8 * bound

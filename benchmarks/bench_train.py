@@ -152,23 +152,29 @@ def bench_step(name: str, config_kwargs: dict, size: int, batch: int, steps: int
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer images and steps, R50 at 512 px")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the training steps (default: all cores)")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated torch thread counts for the training steps (default: 1 and all cores; on a busy "
+                        "machine more threads can be much slower)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", help="also write the JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     results: dict[str, Any] = {"data_pipeline_per_worker": bench_data(a.quick)}
-    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    thread_counts = [int(t) for t in a.threads.split(",")] if a.threads else sorted({1, os.cpu_count() or 1})
     steps = 3 if a.quick else 10
     r50_size = 512 if a.quick else 800
     runs = [("tiny", MODEL_PRESETS["tiny"], 64, 2, steps * 3), ("demo", MODEL_PRESETS["demo"], 64, 8, steps * 3),
             ("r50", MODEL_PRESETS["r50"], r50_size, 2, max(2, steps // 3 if a.device == "cpu" else steps))]
-    results["train_steps"] = [bench_step(n, kw, size, batch, s, a.device) for n, kw, size, batch, s in runs]
+    results["train_steps"] = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for name, kwargs, size, batch, count in runs:
+            results["train_steps"].append({**bench_step(name, kwargs, size, batch, count, a.device), "threads": threads})
     if a.device == "cuda":
         results["train_steps"].append(bench_step("r50", MODEL_PRESETS["r50"], 800, 2, steps, "cuda", torch.bfloat16))
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
                               "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
-                              "threads": torch.get_num_threads(), "machine": platform.machine(), "quick": a.quick}
+                              "machine": platform.machine(), "quick": a.quick}
     text = json.dumps(results, indent=2)
     print(text)
     if a.output:

@@ -86,13 +86,18 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 # Training defaults per preset, used for every option left unset on the command line / file.
 # `r50` is the original DETR recipe (COCO, 300 epochs, lr x0.1 at 200).
+# The small presets use one torch thread: their steps are too small to gain much from a second core,
+# and on a busy 2-core machine two threads made a demo step 5x slower (benchmarks/bench_train.py).
 TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(image_size=64, learning_rate=2e-4, backbone_learning_rate=2e-4, num_train_epochs=24,
-                 lr_drop_epochs=18, per_device_train_batch_size=8, backbone_weights="none", augmentation=False),
+                 lr_drop_epochs=18, per_device_train_batch_size=8, backbone_weights="none", augmentation=False,
+                 num_threads=1),
     "tiny": dict(image_size=64, learning_rate=1e-4, backbone_learning_rate=1e-5, num_train_epochs=1,
-                 lr_drop_epochs=None, per_device_train_batch_size=2, backbone_weights="none", augmentation=True),
+                 lr_drop_epochs=None, per_device_train_batch_size=2, backbone_weights="none", augmentation=True,
+                 num_threads=1),
     "r50": dict(image_size=800, learning_rate=1e-4, backbone_learning_rate=1e-5, num_train_epochs=300,
-                lr_drop_epochs=200, per_device_train_batch_size=2, backbone_weights="timm", augmentation=True),
+                lr_drop_epochs=200, per_device_train_batch_size=2, backbone_weights="timm", augmentation=True,
+                num_threads=0),
 }
 
 # The built-in dataset when no dataset argument is given (scripts/make_synthetic_coco.py writes the same).
@@ -145,7 +150,7 @@ def validate_args(args: Any) -> None:
         if not getattr(args, key) > 0:
             raise ValueError(f"--{key} must be > 0; got {getattr(args, key)!r}")
     for key in ("backbone_learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "checkpointing_steps",
-                "checkpointing_epochs", "dataloader_num_workers"):
+                "checkpointing_epochs", "dataloader_num_workers", "num_threads"):
         if getattr(args, key) < 0:
             raise ValueError(f"--{key} must be >= 0; got {getattr(args, key)!r}")
     if args.lr_drop_epochs is not None and args.lr_drop_epochs < 0:
@@ -819,6 +824,8 @@ def setup(args: Any) -> Job:
 
     accelerator = make_accelerator(args)
     configure_logging(accelerator)
+    if args.num_threads and accelerator.device.type == "cpu":
+        torch.set_num_threads(args.num_threads)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # seed + rank, like the original (DDP then broadcasts rank 0's initial weights to all)

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="default: from accelerate launch/config")
     train.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
     train.add_argument("--dataloader_num_workers", type=int, default=0)
+    train.add_argument("--num_threads", type=int,
+                       help=f"torch CPU threads of each process, 0: torch's default (all cores); {PRESET_HELP} (demo: 1)")
 
     run = p.add_argument_group("logging, evaluation, checkpoints")
     run.add_argument("--logging_steps", type=int, default=10)

@@ -60,10 +60,16 @@ EVALUATE = runpy.run_path(str(REPO / "scripts" / "evaluate.py"), run_name="evalu
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps singletons between them."""
+    """Each in-process run builds its own Accelerator; accelerate keeps singletons between them.
+
+    One torch thread meanwhile: tiny models gain nothing from a second one, and on a busy 2-core
+    machine two threads were 4-7x slower (benchmarks/bench_train.py)."""
     from accelerate.state import AcceleratorState, GradientState
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
@@ -496,7 +502,7 @@ def test_two_cpu_processes_equal_one_process_with_the_whole_batch(tmp_path: Path
     gradients equal one process with both images; evaluation counts each image once. ~30 s on an
     idle 2-core machine (two fresh interpreters), so it stays in the default suite."""
     cache = tmp_path / "cache"
-    run_script(distributed_args(tmp_path / "one", cache, batch=2, steps=1))
+    run_script(distributed_args(tmp_path / "one", cache, batch=2, steps=1), env={"OMP_NUM_THREADS": "1"})
     train = read_json(next(cache.glob("synthetic_coco/*")) / "annotations" / "instances_train.json")
     counts = [sum(a["image_id"] == im["id"] for a in train["annotations"]) for im in train["images"]]
     assert counts == [2, 2, 2, 2], "equivalence needs the same number of boxes in every image"

@@ -26,6 +26,15 @@ class DetrCustomConfig(PreTrainedConfig):
             feature map is used. Weights are never downloaded at construction.
         dilation: replace the stride of the last stage by dilation (DETR-DC5, stride 16).
         num_queries: number of object queries, i.e. the maximum number of detections per image.
+        num_query_groups: Group DETR (Chen et al., ICCV 2023), 1 = the paper's DETR. With K > 1,
+            training runs K groups of `num_queries` queries through the shared decoder, each group
+            attending only to itself in self-attention and matched one-to-one on its own, so every
+            target gets K positives; the loss is the mean of the K groups' set losses (the scale of
+            K = 1). Evaluation and inference use only the first group: outputs, cost and exported
+            graphs are those of a K = 1 model. Groups 2..K live in
+            `model.extra_query_position_embeddings` ((K - 1) * num_queries, d_model); a K = 1
+            checkpoint loaded with K > 1 starts them fresh, a K > 1 checkpoint loaded with K = 1
+            drops them.
         d_model: width of the transformer.
         encoder_layers / decoder_layers: depth of the encoder / decoder.
         encoder_attention_heads / decoder_attention_heads: heads per attention layer.
@@ -45,6 +54,10 @@ class DetrCustomConfig(PreTrainedConfig):
             rounding, not the math or the state dict: apply each frozen BatchNorm through the
             convolution before it, and feed the backbone channels-last images.
         init_xavier_std: gain of the xavier_uniform init of transformer weights.
+        ffn_init: "xavier" (the original: xavier_uniform on the feed-forward weights like every
+            transformer weight) or "pytorch" (nn.Linear's default, kaiming_uniform with a = sqrt(5),
+            about 2x smaller second-layer weights), which the CPU demo preset uses because its tiny
+            model learns faster with it (README).
         id2label / label2id: class names; the class head has `num_labels + 1` outputs, the last
             being "no object". Defaults to COCO's 91 raw ids.
     """
@@ -56,6 +69,7 @@ class DetrCustomConfig(PreTrainedConfig):
         backbone: str = "resnet50",
         dilation: bool = False,
         num_queries: int = 100,
+        num_query_groups: int = 1,
         d_model: int = 256,
         encoder_layers: int = 6,
         decoder_layers: int = 6,
@@ -79,6 +93,7 @@ class DetrCustomConfig(PreTrainedConfig):
         backbone_fold_batch_norm: bool = True,
         backbone_channels_last: bool = True,
         init_xavier_std: float = 1.0,
+        ffn_init: str = "xavier",
         num_channels: int = 3,
         **kwargs,
     ):
@@ -88,6 +103,7 @@ class DetrCustomConfig(PreTrainedConfig):
         self.backbone = backbone
         self.dilation = dilation
         self.num_queries = num_queries
+        self.num_query_groups = num_query_groups
         self.d_model = d_model
         self.encoder_layers = encoder_layers
         self.decoder_layers = decoder_layers
@@ -111,6 +127,7 @@ class DetrCustomConfig(PreTrainedConfig):
         self.backbone_fold_batch_norm = backbone_fold_batch_norm
         self.backbone_channels_last = backbone_channels_last
         self.init_xavier_std = init_xavier_std
+        self.ffn_init = ffn_init
         self.num_channels = num_channels
         super().__init__(**kwargs)
         if "label2id" not in kwargs:
@@ -127,7 +144,7 @@ class DetrCustomConfig(PreTrainedConfig):
 
     def validate_detr(self) -> None:
         """Raise ValueError on a combination the model cannot build."""
-        positive = ("num_queries", "d_model", "encoder_attention_heads", "decoder_attention_heads",
+        positive = ("num_queries", "num_query_groups", "d_model", "encoder_attention_heads", "decoder_attention_heads",
                     "encoder_ffn_dim", "decoder_ffn_dim", "decoder_layers")
         for name in positive:
             if int(getattr(self, name)) <= 0:
@@ -145,6 +162,8 @@ class DetrCustomConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)!r}")
         if self.activation_function not in ("relu", "gelu"):
             raise ValueError(f"activation_function must be 'relu' or 'gelu'; got {self.activation_function!r}")
+        if self.ffn_init not in ("xavier", "pytorch"):
+            raise ValueError(f"ffn_init must be 'xavier' or 'pytorch'; got {self.ffn_init!r}")
         if self.position_embedding_type not in ("sine", "learned"):
             raise ValueError(f"position_embedding_type must be 'sine' or 'learned'; got "
                              f"{self.position_embedding_type!r}")

@@ -232,21 +232,37 @@ class SetCriterion(torch.nn.Module):
         class_weight[-1] = eos_coefficient
         self.register_buffer("class_weight", class_weight, persistent=False)
 
-    def forward(self, logits: Tensor, pred_boxes: Tensor, labels: list[dict]) -> tuple[Tensor, dict]:
+    def forward(self, logits: Tensor, pred_boxes: Tensor, labels: list[dict],
+                num_groups: int = 1) -> tuple[Tensor, dict]:
         """Weighted total loss and its terms.
 
         Args:
-            logits: (L, B, Q, C + 1) class logits of the L decoder layers used for the loss
-                (the last one is the final output); the last class is "no object".
-            pred_boxes: (L, B, Q, 4) normalised cxcywh.
+            logits: (L, B, G * Q, C + 1) class logits of the L decoder layers used for the loss
+                (the last one is the final output) for G query groups of Q queries; the last class
+                is "no object".
+            pred_boxes: (L, B, G * Q, 4) normalised cxcywh.
             labels: B dicts with `class_labels` (n_b,) int64 and `boxes` (n_b, 4) normalised
                 cxcywh, on the device of the predictions.
+            num_groups: G (Group DETR). Every group is matched one-to-one on its own, on every layer,
+                and each term is the mean over groups: the loss scale of G = 1 (implementations that
+                divide the box losses by G * num_boxes give the same value).
         Returns:
             (loss, loss_dict): loss is a scalar; loss_dict holds `loss_ce`, `loss_bbox`,
             `loss_giou`, `cardinality_error`, `class_error` for the last layer and
-            `loss_ce_i`, `loss_bbox_i`, `loss_giou_i` for the earlier layers i = 0..L-2.
+            `loss_ce_i`, `loss_bbox_i`, `loss_giou_i` for the earlier layers i = 0..L-2. The two
+            logged-only errors are those of the first group, the one used at inference.
         """
         check_label_structure(labels, logits.shape[1])
+        if num_groups == 1:
+            return self._set_loss(logits, pred_boxes, labels)
+        # groups as extra "layers": (L, B, G * Q, X) -> (L * G, B, Q, X), layer-major
+        as_layers = [x.unflatten(2, (num_groups, -1)).transpose(1, 2).flatten(0, 1) for x in (logits, pred_boxes)]
+        loss, loss_dict = self._set_loss(*as_layers, labels, num_groups)
+        return loss, loss_dict
+
+    def _set_loss(self, logits: Tensor, pred_boxes: Tensor, labels: list[dict],
+                  num_groups: int = 1) -> tuple[Tensor, dict]:
+        """`forward` for logits (L * G, B, Q, C + 1) and pred_boxes (L * G, B, Q, 4), layer-major."""
         matches = self.matcher(logits, pred_boxes, labels)
         layer_idx, batch_idx, query_idx, target_idx = self._flatten(matches, labels, logits.device)
         num_boxes = global_num_boxes(labels, logits.device)
@@ -257,11 +273,13 @@ class SetCriterion(torch.nn.Module):
         loss_bbox, loss_giou = self._loss_boxes(pred_boxes, layer_idx, batch_idx, query_idx,
                                                 target_boxes[target_idx], num_boxes)
         terms = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        if num_groups > 1:  # (L * G,) -> (L,) mean over groups
+            terms = {k: v.view(-1, num_groups).mean(1) for k, v in terms.items()}
         loss = sum(self.weight_dict[k] * v.sum() for k, v in terms.items())
-        terms["cardinality_error"] = self._cardinality_error(logits, labels)
+        terms["cardinality_error"] = self._cardinality_error(logits[::num_groups], labels)
         loss_dict = self._name_terms(terms)
-        last = layer_idx == logits.shape[0] - 1
-        loss_dict["class_error"] = self._class_error(logits[-1], batch_idx[last], query_idx[last],
+        last = layer_idx == logits.shape[0] - num_groups  # the last layer's first group
+        loss_dict["class_error"] = self._class_error(logits[-num_groups], batch_idx[last], query_idx[last],
                                                      target_classes[target_idx[last]])
         return loss, loss_dict
 
@@ -271,12 +289,18 @@ class SetCriterion(torch.nn.Module):
 
         `target` indexes the targets of the whole batch concatenated.
         """
-        offsets = [0]
-        for t in labels[:-1]:
-            offsets.append(offsets[-1] + len(t["boxes"]))
-        parts = [torch.stack([torch.full_like(q, l), torch.full_like(q, b), q, t + offsets[b]])
-                 for l, per_image in enumerate(matches) for b, (q, t) in enumerate(per_image)]
-        return tuple(torch.cat(parts, dim=1).to(device, non_blocking=True))  # 4 x (M,)
+        # A constant number of ops whatever the number of (layer, image) pairs (Group DETR multiplies them).
+        num_layers, batch = len(matches), len(labels)
+        pairs = [pair for per_image in matches for pair in per_image]  # layer-major, L * B
+        counts = torch.tensor([len(q) for q, _ in pairs])
+        offsets = torch.tensor([0] + [len(t["boxes"]) for t in labels[:-1]]).cumsum(0)
+        layer_idx = torch.arange(num_layers).repeat_interleave(counts.view(num_layers, batch).sum(1))
+        image_of_pair = torch.arange(batch).repeat(num_layers)
+        batch_idx = image_of_pair.repeat_interleave(counts)
+        query_idx = torch.cat([q for q, _ in pairs])
+        target_idx = torch.cat([t for _, t in pairs]) + offsets[batch_idx]
+        packed = torch.stack([layer_idx, batch_idx, query_idx, target_idx])
+        return tuple(packed.to(device, non_blocking=True))  # 4 x (M,)
 
     def _loss_labels(self, logits: Tensor, layer_idx: Tensor, batch_idx: Tensor, query_idx: Tensor,
                      matched_classes: Tensor) -> Tensor:

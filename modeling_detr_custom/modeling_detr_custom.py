@@ -367,16 +367,31 @@ class DetrCustomDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor, attn_mask: Tensor,
-                need_weights: bool = False) -> tuple[Tensor, tuple]:
-        """tgt, query_pos: (B, Q, d); memory, pos: (B, N, d); attn_mask: (B, 1, 1, N) bool."""
-        q = k = tgt + query_pos
-        attended, self_weights = self.self_attn(q, k, tgt, None, need_weights)
+                need_weights: bool = False, num_groups: int = 1) -> tuple[Tensor, tuple]:
+        """tgt, query_pos: (B, G * Q, d), G query groups of Q; memory, pos: (B, N, d); attn_mask: (B, 1, 1, N) bool.
+
+        Self-attention stays within each group (Group DETR); cross-attention and the FFN see every query.
+        """
+        attended, self_weights = self.self_attn_within_groups(tgt, tgt + query_pos, num_groups, need_weights)
         tgt = self.self_attn_layer_norm(tgt + self.dropout(attended))
         attended, cross_weights = self.encoder_attn(tgt + query_pos, memory + pos, memory, attn_mask,
                                                     need_weights)
         tgt = self.encoder_attn_layer_norm(tgt + self.dropout(attended))
         tgt = self.final_layer_norm(tgt + self.dropout(self.mlp(tgt)))
         return tgt, (self_weights, cross_weights)
+
+    def self_attn_within_groups(self, tgt: Tensor, q: Tensor, num_groups: int,
+                                need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """tgt (values), q (= keys): (B, G * Q, d) -> (B, G * Q, d) and weights (B * G, heads, Q, Q).
+
+        Masking attention between groups equals attending in G separate batches: the groups are folded
+        into the batch, G times less work than a block-diagonal mask over G * Q queries.
+        """
+        if num_groups == 1:
+            return self.self_attn(q, q, tgt, None, need_weights)
+        tgt, q = (x.unflatten(1, (num_groups, -1)).flatten(0, 1) for x in (tgt, q))  # (B * G, Q, d)
+        attended, weights = self.self_attn(q, q, tgt, None, need_weights)
+        return attended.unflatten(0, (-1, num_groups)).flatten(1, 2), weights
 
 
 class DetrCustomEncoder(nn.Module):
@@ -409,17 +424,17 @@ class DetrCustomDecoder(nn.Module):
         self.layernorm = nn.LayerNorm(config.d_model)
 
     def forward(self, query_pos: Tensor, memory: Tensor, pos: Tensor, attn_mask: Tensor,
-                output_hidden_states: bool = False, output_attentions: bool = False) -> tuple:
-        """query_pos: (B, Q, d); memory, pos: (B, N, d).
+                output_hidden_states: bool = False, output_attentions: bool = False, num_groups: int = 1) -> tuple:
+        """query_pos: (B, G * Q, d), G groups of Q object queries; memory, pos: (B, N, d).
 
-        Returns (L, B, Q, d) normalised outputs of every layer, hidden states, self- and
+        Returns (L, B, G * Q, d) normalised outputs of every layer, hidden states, self- and
         cross-attention weights.
         """
         tgt = torch.zeros_like(query_pos)
         normed, states = [], (tgt,) if output_hidden_states else None
         self_attns, cross_attns = ((), ()) if output_attentions else (None, None)
         for layer in self.layers:
-            tgt, (self_w, cross_w) = layer(tgt, query_pos, memory, pos, attn_mask, output_attentions)
+            tgt, (self_w, cross_w) = layer(tgt, query_pos, memory, pos, attn_mask, output_attentions, num_groups)
             normed.append(self.layernorm(tgt))
             states = states + (tgt,) if output_hidden_states else None
             if output_attentions:
@@ -437,6 +452,8 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["DetrCustomEncoderLayer", "DetrCustomDecoderLayer"]
+    # a Group DETR checkpoint (num_query_groups K > 1) loaded with K = 1 drops groups 2..K, by design
+    _keys_to_ignore_on_load_unexpected = [r"extra_query_position_embeddings"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -470,7 +487,7 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
             kinds = {id(m): "default" for m in self.modules()
                      if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm)) and id(m) not in backbone}
             for m in self.modules():
-                if isinstance(m, DetrCustomFeedForward):
+                if isinstance(m, DetrCustomFeedForward) and self.config.ffn_init == "xavier":
                     kinds[id(m.fc1)] = kinds[id(m.fc2)] = "xavier"
                 elif isinstance(m, DetrCustomLearnedPositionEmbedding):
                     kinds[id(m.row_embeddings)] = kinds[id(m.column_embeddings)] = "learned_position"
@@ -498,6 +515,9 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
                     else DetrCustomLearnedPositionEmbedding)
         self.position_embedding = position(config.d_model // 2)
         self.query_position_embeddings = nn.Embedding(config.num_queries, config.d_model)
+        # Group DETR: groups 2..K, used in training only (None for the paper's K = 1)
+        extra = (config.num_query_groups - 1) * config.num_queries
+        self.extra_query_position_embeddings = nn.Embedding(extra, config.d_model) if extra else None
         self.encoder = DetrCustomEncoder(config)
         self.decoder = DetrCustomDecoder(config)
         self.post_init()
@@ -516,6 +536,13 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
             overlay = {"pretrained_cfg_overlay": {"file": os.fspath(checkpoint)}}
         source = create_timm_backbone(self.config, pretrained=True, **overlay)
         self.backbone.body.load_state_dict(source.state_dict())
+
+    def object_queries(self) -> Tensor:
+        """(G * Q, d) object queries: the first group, and in training mode groups 2..K too."""
+        queries = self.query_position_embeddings.weight
+        if self.training and self.extra_query_position_embeddings is not None:
+            queries = torch.cat([queries, self.extra_query_position_embeddings.weight])
+        return queries
 
     def _check_inputs(self, pixel_values: Tensor, pixel_mask: Tensor | None) -> None:
         channels = self.config.num_channels
@@ -546,9 +573,11 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         attn_mask = ~mask.flatten(1)[:, None, None, :]  # (B, 1, 1, N), True = attend
         memory, enc_states, enc_attns = self.encoder(src, pos, attn_mask, bool(output_hidden_states),
                                                      bool(output_attentions))
-        query_pos = self.query_position_embeddings.weight[None].expand(src.shape[0], -1, -1)
+        queries = self.object_queries()
+        query_pos = queries[None].expand(src.shape[0], -1, -1)  # (B, G * Q, d)
         normed, dec_states, self_attns, cross_attns = self.decoder(
-            query_pos, memory, pos, attn_mask, bool(output_hidden_states), bool(output_attentions))
+            query_pos, memory, pos, attn_mask, bool(output_hidden_states), bool(output_attentions),
+            num_groups=queries.shape[0] // self.config.num_queries)
         output = DetrCustomModelOutput(
             last_hidden_state=normed[-1], intermediate_hidden_states=normed,
             encoder_last_hidden_state=memory, encoder_hidden_states=enc_states,
@@ -606,7 +635,8 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         pred_boxes = self.bbox_predictor(hidden).sigmoid()  # (L or 1, B, Q, 4)
         loss = loss_dict = None
         if labels is not None:
-            loss, loss_dict = self.criterion(logits, pred_boxes, labels)
+            num_groups = logits.shape[2] // self.config.num_queries
+            loss, loss_dict = self.criterion(logits, pred_boxes, labels, num_groups)
         auxiliary_outputs = None
         if with_aux:
             auxiliary_outputs = [{"logits": lo, "pred_boxes": bo} for lo, bo in zip(logits[:-1], pred_boxes[:-1])]

@@ -430,6 +430,32 @@ def _cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
 
 
+def _detection_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, pred_boxes) of model outputs (attributes), a dict with those keys or a (logits, pred_boxes) pair.
+
+    numpy arrays (what onnxruntime returns) are wrapped as CPU tensors without a copy; tensors pass unchanged.
+    """
+    if hasattr(outputs, "logits") and hasattr(outputs, "pred_boxes"):
+        pair = outputs.logits, outputs.pred_boxes
+    elif isinstance(outputs, Mapping) and "logits" in outputs and "pred_boxes" in outputs:
+        pair = outputs["logits"], outputs["pred_boxes"]
+    elif isinstance(outputs, (tuple, list)) and len(outputs) == 2:
+        pair = tuple(outputs)
+    else:
+        raise ValueError(
+            f"outputs is a {type(outputs).__name__}; expected model outputs with `logits` and `pred_boxes`, a dict "
+            "with those keys or a (logits, pred_boxes) pair"
+        )
+    tensors = []
+    for name, value in zip(("logits", "pred_boxes"), pair):
+        if isinstance(value, np.ndarray):
+            value = _numpy_to_tensor(value)
+        elif not isinstance(value, torch.Tensor):
+            raise ValueError(f"outputs {name} is a {type(value).__name__}; expected a torch tensor or a numpy array")
+        tensors.append(value)
+    return tensors[0], tensors[1]
+
+
 def _to_numpy(value: Any) -> Any:
     """Tensors (also inside dicts/lists) -> numpy, for return_tensors="np"."""
     if isinstance(value, torch.Tensor):
@@ -683,7 +709,9 @@ class DetrCustomImageProcessor(BaseImageProcessor):
 
         Args:
             outputs: an object with `logits` `(B, Q, C + 1)` (the last class is "no object") and `pred_boxes`
-                `(B, Q, 4)`, (cx, cy, w, h) normalised to [0, 1] by each image's own unpadded size.
+                `(B, Q, 4)`, (cx, cy, w, h) normalised to [0, 1] by each image's own unpadded size; or a dict with
+                those keys, or a (logits, pred_boxes) pair. Torch tensors or numpy arrays (e.g. onnxruntime's
+                outputs, which give the same results as the equal torch tensors).
             threshold: keep detections whose score is strictly above it.
             target_sizes: `(B, 2)` tensor or list of (height, width): the size to express boxes in, normally each
                 image's original size. None keeps normalised coordinates.
@@ -694,7 +722,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             (x0, y0, x1, y1) in absolute pixels of `target_sizes` (or normalised), clipped to the image.
             Detections are in query order, or sorted by score when `top_k` is given.
         """
-        logits, pred_boxes = outputs.logits, outputs.pred_boxes
+        logits, pred_boxes = _detection_outputs(outputs)
         # softmax over all C + 1 classes, then ignore "no object": a score is P(class) for the best real class
         scores, labels = logits.float().softmax(-1)[..., :-1].max(-1)
         boxes = _cxcywh_to_xyxy(pred_boxes.float())

@@ -546,6 +546,34 @@ def test_post_process_options():
         processor.post_process_object_detection(outputs, 0.5, [(100, 200)])
 
 
+@pytest.mark.parametrize("wrap", ["attributes", "dict", "tuple", "list"])
+def test_post_process_takes_numpy_outputs_as_onnxruntime_returns_them(wrap):
+    outputs = make_outputs()
+    processor = DetrCustomImageProcessor()
+    sizes = [(100, 200), (50, 40)]
+    expected = processor.post_process_object_detection(outputs, 0.5, sizes, top_k=3)
+    logits, pred_boxes = outputs.logits.numpy(), outputs.pred_boxes.numpy()
+    given = {"attributes": SimpleNamespace(logits=logits, pred_boxes=pred_boxes),
+             "dict": {"logits": logits, "pred_boxes": pred_boxes},
+             "tuple": (logits, pred_boxes), "list": [logits, pred_boxes]}[wrap]
+    found = processor.post_process_object_detection(given, 0.5, np.array(sizes), top_k=3)
+    assert [len(r["scores"]) for r in found] == [3, 2]
+    for f, e in zip(found, expected):
+        assert set(f) == set(e)
+        for key in e:
+            assert f[key].dtype == e[key].dtype and torch.equal(f[key], e[key])
+
+
+@pytest.mark.parametrize("outputs, message", [
+    ((np.zeros((1, 2, 3)),), r"outputs is a tuple; expected model outputs with `logits` and `pred_boxes`"),
+    ({"logits": np.zeros((1, 2, 3))}, r"outputs is a dict; expected"),
+    ({"logits": [[[0.0, 1.0]]], "pred_boxes": np.zeros((1, 1, 4))}, r"outputs logits is a list; expected a torch"),
+])
+def test_post_process_rejects_outputs_it_cannot_read(outputs, message):
+    with pytest.raises(ValueError, match=message):
+        DetrCustomImageProcessor().post_process_object_detection(outputs)
+
+
 def test_quick_enough():
     """Guard against an accidental slow path (e.g. a per-pixel Python loop): 4 VGA images well under a second."""
     images = [PIL.Image.fromarray(photo(480, 640, seed)) for seed in range(4)]

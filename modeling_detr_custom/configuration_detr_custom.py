@@ -25,6 +25,9 @@ class DetrCustomConfig(PreTrainedConfig):
         backbone: timm model name supporting `features_only=True`; only its last (stride-32)
             feature map is used. Weights are never downloaded at construction.
         dilation: replace the stride of the last stage by dilation (DETR-DC5, stride 16).
+        backbone_output_stride: None (the original: 32, or 16 with `dilation`), or 8 / 16 / 32 for
+            timm's `output_stride` (the last stages dilated instead of strided): 8 gives a 4x finer
+            feature map, which the CPU demo preset uses for its 64 px images. With `dilation`, only 16.
         num_queries: number of object queries, i.e. the maximum number of detections per image.
         num_query_groups: Group DETR (Chen et al., ICCV 2023), 1 = the paper's DETR. With K > 1,
             training runs K groups of `num_queries` queries through the shared decoder, each group
@@ -60,14 +63,25 @@ class DetrCustomConfig(PreTrainedConfig):
             model learns faster with it (README).
         id2label / label2id: class names; the class head has `num_labels + 1` outputs, the last
             being "no object". Defaults to COCO's 91 raw ids.
+
+    As transformers' `DetrConfig`: `is_encoder_decoder` is True, and the generic names `hidden_size`,
+    `num_attention_heads` and `num_hidden_layers` read and write `d_model`, `encoder_attention_heads` and
+    `encoder_layers`. The output flags (`output_attentions`, `output_hidden_states`, `return_dict`) are what a
+    forward call without them uses; `attn_implementation` is "sdpa" by default or "eager" (attention weights).
     """
 
     model_type = "detr_custom"
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "encoder_attention_heads",
+        "num_hidden_layers": "encoder_layers",
+    }
 
     def __init__(
         self,
         backbone: str = "resnet50",
         dilation: bool = False,
+        backbone_output_stride: int | None = None,
         num_queries: int = 100,
         num_query_groups: int = 1,
         d_model: int = 256,
@@ -100,8 +114,10 @@ class DetrCustomConfig(PreTrainedConfig):
         if "id2label" not in kwargs and "num_labels" not in kwargs:
             kwargs["num_labels"] = COCO_NUM_LABELS
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
+        kwargs.setdefault("is_encoder_decoder", True)
         self.backbone = backbone
         self.dilation = dilation
+        self.backbone_output_stride = backbone_output_stride
         self.num_queries = num_queries
         self.num_query_groups = num_query_groups
         self.d_model = d_model
@@ -134,14 +150,6 @@ class DetrCustomConfig(PreTrainedConfig):
             self.label2id = {name: idx for idx, name in self.id2label.items()}
         self.validate_detr()
 
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.encoder_attention_heads
-
     def validate_detr(self) -> None:
         """Raise ValueError on a combination the model cannot build."""
         positive = ("num_queries", "num_query_groups", "d_model", "encoder_attention_heads", "decoder_attention_heads",
@@ -162,6 +170,10 @@ class DetrCustomConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be in [0, 1); got {getattr(self, name)!r}")
         if self.activation_function not in ("relu", "gelu"):
             raise ValueError(f"activation_function must be 'relu' or 'gelu'; got {self.activation_function!r}")
+        if self.backbone_output_stride not in (None, 8, 16, 32) or \
+                (self.dilation and self.backbone_output_stride not in (None, 16)):
+            raise ValueError(f"backbone_output_stride must be None, 8, 16 or 32 (16 or None with dilation=True); got "
+                             f"{self.backbone_output_stride!r} with dilation={self.dilation}")
         if self.ffn_init not in ("xavier", "pytorch"):
             raise ValueError(f"ffn_init must be 'xavier' or 'pytorch'; got {self.ffn_init!r}")
         if self.position_embedding_type not in ("sine", "learned"):

@@ -8,8 +8,11 @@ Differences from transformers' ``DetrImageProcessor`` (both of its backends):
   pretrained weights expect (transformers normalises by the padded canvas when it pads a batch);
 * all work is done on torch tensors, one pass per image into a batch tensor allocated once, on CPU or on a GPU
   (``device=``);
-* PIL EXIF orientation is applied; grayscale, RGBA, LA, palette and CMYK images become RGB (alpha is dropped,
-  as ``PIL.Image.convert("RGB")`` does in the original DETR data loader);
+* PIL EXIF orientation is applied, to the image and to its annotation boxes (which are in the stored pixel grid,
+  as COCO's); grayscale, RGBA, LA, palette and CMYK images become RGB (alpha is dropped, as
+  ``PIL.Image.convert("RGB")`` does in the original DETR data loader); 16-bit and float grayscale PIL images are
+  scaled to 8 bits (`pil_to_rgb8`), not clipped to white. With C != 3 values in ``image_mean`` / ``image_std``
+  (a model with ``num_channels`` C), images are taken with their own C channels instead;
 * float images are taken to be in [0, 1] already: ``do_rescale`` only rescales uint8 images;
 * bad inputs raise ``ValueError`` naming the offending index and value;
 * ``post_process_object_detection`` clips boxes to the image and can keep the ``top_k`` best detections.
@@ -49,7 +52,7 @@ EXPECTED_IMAGE = "expected a PIL.Image, a numpy array (H, W, C) or a torch tenso
 OUR_KEYS = ("remove_crowd", "id2label")
 
 
-class DetrCustomImagesKwargs(ImagesKwargs, total=False):
+class DetrCustomImageProcessorKwargs(ImagesKwargs, total=False):
     """The processor's settings: transformers' image kwargs plus ours (lets `from_pretrained(..., key=value)`
     override them without a warning)."""
 
@@ -112,6 +115,18 @@ def _validate_pad_size(pad_size: Any) -> dict[str, int] | None:
     return dict(pad_size)
 
 
+def _channel_floats(values: Sequence[float] | float, name: str) -> list[float]:
+    """`image_mean` / `image_std` as a list of floats, one per channel; a single number stands for R, G and B."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = np.zeros((0, 0))
+    array = np.repeat(array, 3) if array.ndim == 0 else array
+    if array.ndim != 1 or not array.size or not np.isfinite(array).all() or (name == "image_std" and array.min() <= 0):
+        raise ValueError(f"{name} = {values!r}; expected finite numbers, one per image channel (3 for RGB), std > 0")
+    return [float(v) for v in array]
+
+
 def _output_size(image_hw: tuple[int, int], size: dict[str, int] | None) -> tuple[int, int]:
     """Resized `(height, width)` of one image; `size=None` means no resize."""
     if size is None:
@@ -144,7 +159,7 @@ def _id2label_with_int_keys(id2label: Mapping | None) -> dict[int, str] | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# images -> (3, H, W) tensors
+# images -> (C, H, W) tensors, C = 3 (RGB) unless image_mean / image_std have another length
 # ---------------------------------------------------------------------------------------------------------------
 def _as_image_list(images: Any) -> list[Any]:
     """One image, a list/tuple of images, or a 4-D batch (torch (B, C, H, W) / numpy (B, H, W, C)) -> a list."""
@@ -163,14 +178,40 @@ def _is_pil(image: Any) -> bool:
     return is_vision_available() and isinstance(image, PIL.Image.Image)
 
 
-def _pil_to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
-    """Apply EXIF orientation and convert to RGB. Copies only when something has to change (big images)."""
-    orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
-    if orientation not in (None, 1):
+def _exif_orientation(image: Any) -> int:
+    """The EXIF orientation (1-8) of a PIL image; 1 (as stored) for anything else."""
+    return (image.getexif().get(EXIF_ORIENTATION_TAG) or 1) if _is_pil(image) else 1
+
+
+def _pil_to_rgb(image: "PIL.Image.Image", index: int = 0) -> "PIL.Image.Image":
+    """Apply EXIF orientation and convert to 8-bit RGB. Copies only when something has to change (big images)."""
+    if _exif_orientation(image) != 1:
         image = PIL.ImageOps.exif_transpose(image)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
+    return pil_to_rgb8(image, f"images[{index}]")
+
+
+# PIL modes of more than 8 bits per pixel: `convert("RGB")` clips their values to 255, a white image.
+# Each maps to its full-scale value: 16-bit modes (and "I", which PIL also uses for 16-bit PNGs) 65535, "F" 1.0.
+HIGH_BIT_DEPTH_FULL_SCALE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+                             "I": 65535.0, "F": 1.0}
+
+
+def pil_to_rgb8(image: "PIL.Image.Image", what: str = "the image") -> "PIL.Image.Image":
+    """Any PIL image -> 8-bit RGB (no EXIF handling); the one conversion of the processor, training and predict.
+
+    High bit-depth grayscale (`HIGH_BIT_DEPTH_FULL_SCALE`) is scaled to 0-255 by its full-scale value instead of
+    being clipped; values outside [0, full scale] (or NaN) raise ValueError naming ``what``, the mode and the range.
+    """
+    full_scale = HIGH_BIT_DEPTH_FULL_SCALE.get(image.mode)
+    if full_scale is None:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    array = np.asarray(image).astype(np.float32)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if not (0.0 <= low and high <= full_scale):  # also False for NaN
+        raise ValueError(f"{what} has PIL mode {image.mode} with values in [{low:g}, {high:g}]; expected values in "
+                         f"[0, {full_scale:g}] for that mode (16-bit images 0-65535, float images 0-1)")
+    gray = np.rint(array * np.float32(255.0 / full_scale)).astype(np.uint8)
+    return PIL.Image.fromarray(gray).convert("RGB")
 
 
 def _numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -182,8 +223,8 @@ def _numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _channels_first(tensor: torch.Tensor, channels_last_first: bool, index: int) -> torch.Tensor:
-    """(H, W), (H, W, C) or (C, H, W) -> (C, H, W) as a view; C must be 1, 3 or 4.
+def _channels_first(tensor: torch.Tensor, channels_last_first: bool, index: int, channels: int = 3) -> torch.Tensor:
+    """(H, W), (H, W, C) or (C, H, W) -> (C, H, W) as a view; C must be 1, 3, 4 or the processor's `channels`.
 
     `channels_last_first` says which layout to try first when both would fit (numpy arrays are usually HWC,
     torch tensors CHW).
@@ -192,43 +233,58 @@ def _channels_first(tensor: torch.Tensor, channels_last_first: bool, index: int)
         return tensor.unsqueeze(0)
     if tensor.ndim != 3:
         raise ValueError(f"images[{index}] has shape {tuple(tensor.shape)}; {EXPECTED_IMAGE}")
-    is_hwc, is_chw = tensor.shape[-1] in (1, 3, 4), tensor.shape[0] in (1, 3, 4)
+    sizes = sorted({1, 3, 4, channels})
+    is_hwc, is_chw = tensor.shape[-1] in sizes, tensor.shape[0] in sizes
     if is_hwc and (channels_last_first or not is_chw):
         return tensor.permute(2, 0, 1)
     if is_chw:
         return tensor
     shape = tuple(tensor.shape)
-    raise ValueError(f"images[{index}] has shape {shape}: no axis of 1, 3 or 4 channels; {EXPECTED_IMAGE}")
+    raise ValueError(f"images[{index}] has shape {shape}: no axis of {sizes} channels; {EXPECTED_IMAGE}")
 
 
-def _to_rgb_chw(image: Any, index: int) -> torch.Tensor:
-    """Any supported image -> (3, H, W) uint8 or float tensor on its original device, a view where possible."""
+def _to_rgb_chw(image: Any, index: int, channels: int = 3) -> torch.Tensor:
+    """Any supported image -> (channels, H, W) uint8 or float tensor on its original device, a view where possible.
+
+    With 3 channels every image becomes RGB; with another count (a model with that `num_channels`) images are
+    taken with their own channels, which must be that many (a PIL image with its EXIF orientation applied).
+    """
     if _is_pil(image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"images[{index}] has size {image.height}x{image.width} (height x width); it is empty")
-        tensor = _numpy_to_tensor(np.asarray(_pil_to_rgb(image))).permute(2, 0, 1)
+        if channels == 3:
+            tensor = _numpy_to_tensor(np.asarray(_pil_to_rgb(image, index))).permute(2, 0, 1)
+        else:
+            array = np.asarray(PIL.ImageOps.exif_transpose(image))
+            tensor = _channels_first(_numpy_to_tensor(array), channels_last_first=True, index=index, channels=channels)
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):  # also str/object arrays
             raise ValueError(f"images[{index}] has dtype {image.dtype}; expected uint8 (0-255) or float (0-1)")
-        tensor = _channels_first(_numpy_to_tensor(image), channels_last_first=True, index=index)
+        tensor = _channels_first(_numpy_to_tensor(image), channels_last_first=True, index=index, channels=channels)
     elif isinstance(image, torch.Tensor):
-        tensor = _channels_first(image.detach(), channels_last_first=False, index=index)
+        tensor = _channels_first(image.detach(), channels_last_first=False, index=index, channels=channels)
     else:
         raise ValueError(f"images[{index}] is a {type(image)}; {EXPECTED_IMAGE}")
-    return _checked_rgb(tensor, index)
+    return _checked_channels(tensor, index, channels)
 
 
-def _checked_rgb(tensor: torch.Tensor, index: int) -> torch.Tensor:
-    """Check size and dtype; 1 channel -> 3 (a view), 4 channels -> drop alpha (a view)."""
+def _checked_channels(tensor: torch.Tensor, index: int, channels: int) -> torch.Tensor:
+    """Check size, dtype and channels. For RGB (3): 1 channel -> 3 (a view), 4 channels -> drop alpha (a view);
+    any other processor channel count must be the image's."""
     if tensor.shape[-2] == 0 or tensor.shape[-1] == 0:
         raise ValueError(
             f"images[{index}] has size {tensor.shape[-2]}x{tensor.shape[-1]} (height x width); it is empty"
         )
     if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
         raise ValueError(f"images[{index}] has dtype {tensor.dtype}; expected uint8 (0-255) or float (0-1)")
-    if tensor.shape[0] == 1:
+    if channels == 3 and tensor.shape[0] == 1:
         return tensor.expand(3, -1, -1)
-    return tensor[:3]
+    if channels == 3 and tensor.shape[0] == 4:
+        return tensor[:3]
+    if tensor.shape[0] != channels:
+        raise ValueError(f"images[{index}] has {tensor.shape[0]} channels; expected {channels}, one per value of "
+                         "image_mean / image_std (the model's num_channels)")
+    return tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,7 +296,7 @@ def _resize_in_uint8(image: torch.Tensor) -> bool:
 
 
 def _resize_batch(images: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 3, h, w), bilinear with antialiasing; uint8 stays uint8 on CPU, otherwise float32.
+    """(N, C, H, W) -> (N, C, h, w), bilinear with antialiasing; uint8 stays uint8 on CPU, otherwise float32.
 
     Pixel values keep their scale (0-255 for uint8 inputs, 0-1 for float inputs).
     """
@@ -256,7 +312,7 @@ def _resize_batch(images: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor
 
 
 def _stack_group(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Same-shape (3, H, W) images -> (N, 3, H, W) on `device`, channels-last in memory (HWC inputs copy once)."""
+    """Same-shape (C, H, W) images -> (N, C, H, W) on `device`, channels-last in memory (HWC inputs copy once)."""
     moved = [image.to(device) for image in images]
     if len(moved) == 1:
         return moved[0].unsqueeze(0)
@@ -280,7 +336,8 @@ def _affine_constants(
     std: Sequence[float],
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, bias), shape (3, 1, 1) float32, so that rescale + normalise is one `x * scale + bias`.
+    """Per-channel (scale, bias), shape (C, 1, 1) float32 (C = len(mean)), so that rescale + normalise is one
+    `x * scale + bias`.
 
     Float images are already in [0, 1], so `do_rescale` applies to uint8 images only.
     """
@@ -289,13 +346,13 @@ def _affine_constants(
         scale = [rescale / s for s in std]
         bias = [-m / s for m, s in zip(mean, std)]
     else:
-        scale, bias = [rescale] * 3, [0.0] * 3
-    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)  # noqa: E731
+        scale, bias = [rescale] * len(mean), [0.0] * len(mean)
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1)  # noqa: E731
     return as_tensor(scale), as_tensor(bias)
 
 
 def _write_into_canvas(canvas: torch.Tensor, resized: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> None:
-    """Write one resized (3, h, w) image into the top-left of its (3, H, W) canvas slot, rescale and normalise in
+    """Write one resized (C, h, w) image into the top-left of its (C, H, W) canvas slot, rescale and normalise in
     place, and zero the bottom/right padding (the canvas is allocated uninitialised to save a pass)."""
     h, w = resized.shape[-2:]
     slot = canvas[:, :h, :w]
@@ -382,6 +439,43 @@ def _validate_object(obj: Any, where: str, id2label: dict[int, str] | None) -> N
             f"{where}['category_id'] = {category_id!r} is not in id2label (ids {known[:20]}"
             f"{' ...' if len(known) > 20 else ''})"
         )
+
+
+# Where EXIF orientation k (2-8) moves the point (x, y) of a stored image of size (w, h): the point maps of
+# PIL.ImageOps.exif_transpose's flips and rotations (6 turns the image 90 degrees clockwise, 8 counter-clockwise).
+_EXIF_POINT_MAPS = {
+    2: lambda x, y, w, h: (w - x, y),
+    3: lambda x, y, w, h: (w - x, h - y),
+    4: lambda x, y, w, h: (x, h - y),
+    5: lambda x, y, w, h: (y, x),
+    6: lambda x, y, w, h: (h - y, x),
+    7: lambda x, y, w, h: (h - y, w - x),
+    8: lambda x, y, w, h: (y, w - x),
+}
+
+
+def _exif_rotated_box(bbox: Any, orientation: int, width: int, height: int) -> list[float]:
+    """COCO [x, y, w, h] absolute pixels of the stored (width x height) image -> the same box on the image
+    with its EXIF ``orientation`` applied, also [x, y, w, h]."""
+    x, y, w, h = (float(v) for v in np.asarray(bbox, dtype=np.float64))
+    move = _EXIF_POINT_MAPS[orientation]
+    (ax, ay), (bx, by) = move(x, y, width, height), move(x + w, y + h, width, height)
+    return [min(ax, bx), min(ay, by), abs(bx - ax), abs(by - ay)]
+
+
+def _exif_rotated_annotation(annotation: Mapping, image: Any) -> Mapping:
+    """The annotation of ``image`` with its boxes turned like the image when it is an EXIF-rotated PIL image.
+
+    COCO boxes are in the stored pixel grid (as pycocotools and the original DETR read images); the processor
+    applies the EXIF orientation to the pixels, so the boxes must follow or they would mark the wrong places.
+    """
+    orientation = _exif_orientation(image)
+    if orientation not in _EXIF_POINT_MAPS:
+        return annotation
+    width, height = image.size
+    objects = [{**obj, "bbox": _exif_rotated_box(obj["bbox"], orientation, width, height)}
+               for obj in annotation["annotations"]]
+    return {**annotation, "annotations": objects}
 
 
 def _prepare_target(
@@ -474,8 +568,9 @@ class DetrCustomImageProcessor(BaseImageProcessor):
     r"""DETR image processor: resize, rescale, normalise, pad to a batch and convert COCO boxes to DETR targets.
 
     Outputs (a `BatchFeature`):
-        pixel_values (`torch.FloatTensor` of shape `(batch, 3, H, W)`): normalised RGB, zero in the padding;
-            `H, W` is the largest resized image of the batch (or `pad_size`); each image sits at the top left.
+        pixel_values (`torch.FloatTensor` of shape `(batch, C, H, W)`): normalised RGB (C = 3), or the images' own
+            C channels when `image_mean` / `image_std` have C != 3 values; zero in the padding; `H, W` is the
+            largest resized image of the batch (or `pad_size`); each image sits at the top left.
         pixel_mask (`torch.LongTensor` of shape `(batch, H, W)`): 1 on real pixels, 0 on padding.
         labels (`list[dict]`, only with `annotations`): per image
             class_labels (`int64 (n,)`), boxes (`float32 (n, 4)`: (cx, cy, w, h) normalised to [0, 1] by the
@@ -490,7 +585,9 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         do_rescale: multiply uint8 pixels by `rescale_factor` (1/255). Float images are taken to be in [0, 1].
         rescale_factor: see `do_rescale`.
         do_normalize: subtract `image_mean` and divide by `image_std` (per channel, ImageNet by default).
-        image_mean, image_std: 3 floats each.
+        image_mean, image_std: one float per channel: 3 for RGB (ImageNet's by default; a single number is used
+            for all three), or C for a model with `num_channels` C, which then takes C-channel images as they are
+            (as transformers' DetrImageProcessor takes 4-channel images).
         do_pad: pad bottom/right with zeros to the batch maximum, or to `pad_size` if given.
         pad_size: optional fixed canvas {"height": int, "width": int}.
         remove_crowd: drop COCO crowd boxes (`iscrowd == 1`) from the targets, as the original DETR does.
@@ -501,7 +598,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values", "pixel_mask"]
-    valid_kwargs = DetrCustomImagesKwargs
+    valid_kwargs = DetrCustomImageProcessorKwargs
 
     def __init__(
         self,
@@ -524,8 +621,8 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         self.do_rescale = bool(do_rescale)
         self.rescale_factor = float(rescale_factor)
         self.do_normalize = bool(do_normalize)
-        self.image_mean = self._three_floats(IMAGENET_MEAN if image_mean is None else image_mean, "image_mean")
-        self.image_std = self._three_floats(IMAGENET_STD if image_std is None else image_std, "image_std")
+        self.image_mean, self.image_std = self._mean_and_std(IMAGENET_MEAN if image_mean is None else image_mean,
+                                                             IMAGENET_STD if image_std is None else image_std)
         self.do_pad = bool(do_pad)
         self.pad_size = _validate_pad_size(pad_size)
         self.remove_crowd = bool(remove_crowd)
@@ -533,16 +630,13 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         self.last_num_dropped_boxes: list[int] = []
 
     @staticmethod
-    def _three_floats(values: Sequence[float] | float, name: str) -> list[float]:
-        """Mean/std as a JSON-friendly list of 3 floats (one number is used for all three channels)."""
-        try:
-            array = np.atleast_1d(np.asarray(values, dtype=np.float64))
-        except (TypeError, ValueError):
-            array = np.zeros(0)
-        array = np.repeat(array, 3) if array.shape == (1,) else array
-        if array.shape != (3,) or not np.isfinite(array).all() or (name == "image_std" and array.min() <= 0):
-            raise ValueError(f"{name} = {values!r}; expected 3 finite numbers (one per RGB channel), std > 0")
-        return [float(v) for v in array]
+    def _mean_and_std(mean: Sequence[float] | float, std: Sequence[float] | float) -> tuple[list[float], list[float]]:
+        """Mean and std as JSON-friendly lists of floats, one per image channel, as many of each."""
+        mean, std = _channel_floats(mean, "image_mean"), _channel_floats(std, "image_std")
+        if len(mean) != len(std):
+            raise ValueError(f"image_mean has {len(mean)} values and image_std {len(std)}; expected as many of each, "
+                             "one per image channel")
+        return mean, std
 
     def to_dict(self) -> dict[str, Any]:
         """Settings only (JSON-serialisable); the per-call statistics are not saved."""
@@ -572,10 +666,12 @@ class DetrCustomImageProcessor(BaseImageProcessor):
 
         Args:
             images: one image or a list. Each is a `PIL.Image.Image` (any mode; EXIF orientation applied), a
-                numpy array `(H, W, C)` / `(H, W)` or a torch tensor `(C, H, W)` / `(H, W)`, with C in 1, 3, 4,
-                dtype uint8 (0-255) or float (0-1). A 4-D torch `(B, C, H, W)` / numpy `(B, H, W, C)` batch works too.
+                numpy array `(H, W, C)` / `(H, W)` or a torch tensor `(C, H, W)` / `(H, W)`, with C in 1, 3, 4
+                (RGB processing) or C = len(image_mean), dtype uint8 (0-255) or float (0-1). A 4-D torch
+                `(B, C, H, W)` / numpy `(B, H, W, C)` batch works too.
             annotations: for training, one COCO detection dict per image: {"image_id": int, "annotations":
-                [{"bbox": [x, y, w, h] (absolute pixels of the original image), "category_id": int,
+                [{"bbox": [x, y, w, h] (absolute pixels of the original image as stored: an EXIF-rotated PIL
+                image has its boxes rotated with it), "category_id": int,
                 "area": float (optional, defaults to w * h), "iscrowd": 0 or 1 (optional)}, ...]}.
             return_tensors: "pt" (or None) for torch tensors, "np" for numpy arrays.
             do_resize, size, do_rescale, do_normalize, do_pad, pad_size: override the processor's settings.
@@ -584,7 +680,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             **kwargs: `remove_crowd`, `id2label`, `rescale_factor`, `image_mean`, `image_std` override settings.
 
         Returns:
-            `BatchFeature` with `pixel_values` (B, 3, H, W) float32, `pixel_mask` (B, H, W) int64 and, with
+            `BatchFeature` with `pixel_values` (B, C, H, W) float32, `pixel_mask` (B, H, W) int64 and, with
             annotations, `labels` (see the class docstring).
         """
         if return_tensors not in (None, "pt", "np"):
@@ -596,7 +692,8 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             annotation_list = _as_annotation_list(annotations, len(image_list))
             for i, annotation in enumerate(annotation_list):
                 _validate_annotation(annotation, i, opts["id2label"])
-        tensors = [_to_rgb_chw(image, i) for i, image in enumerate(image_list)]
+            annotation_list = [_exif_rotated_annotation(a, image) for a, image in zip(annotation_list, image_list)]
+        tensors = [_to_rgb_chw(image, i, len(opts["image_mean"])) for i, image in enumerate(image_list)]
         target_device = self._target_device(device, tensors)
         orig_sizes = [tuple(t.shape[-2:]) for t in tensors]
         new_sizes = [_output_size(hw, opts["size"] if opts["do_resize"] else None) for hw in orig_sizes]
@@ -623,14 +720,16 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         unknown = set(kwargs) - {"remove_crowd", "id2label", "rescale_factor", "image_mean", "image_std"}
         if unknown:
             logger.warning_once(f"DetrCustomImageProcessor ignores the arguments {sorted(unknown)}")
+        image_mean, image_std = self._mean_and_std(pick(kwargs.get("image_mean"), "image_mean"),
+                                                   pick(kwargs.get("image_std"), "image_std"))
         return {
             "do_resize": pick(do_resize, "do_resize"),
             "size": _validate_size(pick(size, "size")),
             "do_rescale": pick(do_rescale, "do_rescale"),
             "rescale_factor": float(pick(kwargs.get("rescale_factor"), "rescale_factor")),
             "do_normalize": pick(do_normalize, "do_normalize"),
-            "image_mean": self._three_floats(pick(kwargs.get("image_mean"), "image_mean"), "image_mean"),
-            "image_std": self._three_floats(pick(kwargs.get("image_std"), "image_std"), "image_std"),
+            "image_mean": image_mean,
+            "image_std": image_std,
             "do_pad": pick(do_pad, "do_pad"),
             "pad_size": _validate_pad_size(pick(pad_size, "pad_size")),
             "remove_crowd": pick(kwargs.get("remove_crowd"), "remove_crowd"),
@@ -649,7 +748,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         opts: dict[str, Any],
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Resize every image straight into one preallocated (B, 3, H, W) float32 canvas; build the (B, H, W) mask."""
+        """Resize every image straight into one preallocated (B, C, H, W) float32 canvas; build the (B, H, W) mask."""
         if opts["do_pad"]:
             canvas_hw = _padded_size(new_sizes, opts["pad_size"])
         elif len(set(new_sizes)) > 1:
@@ -659,7 +758,8 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             )
         else:
             canvas_hw = new_sizes[0]
-        pixel_values = torch.empty((len(tensors), 3, *canvas_hw), dtype=torch.float32, device=device)
+        channels = len(opts["image_mean"])
+        pixel_values = torch.empty((len(tensors), channels, *canvas_hw), dtype=torch.float32, device=device)
         # both uninitialised: every element is written exactly once below (fresh memory is costly to touch twice)
         pixel_mask = torch.empty((len(tensors), *canvas_hw), dtype=torch.int64, device=device)
         for (_, dtype, out_hw), indices in _group_by_shape(tensors, new_sizes).items():
@@ -756,4 +856,4 @@ class DetrCustomImageProcessor(BaseImageProcessor):
 
 DetrCustomImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["DetrCustomImageProcessor", "get_size_with_aspect_ratio"]
+__all__ = ["DetrCustomImageProcessor", "get_size_with_aspect_ratio", "pil_to_rgb8"]

@@ -20,12 +20,15 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d
-from timm.layers.norm_act import FrozenBatchNorm2d  # the class freeze_batch_norm_2d makes
+from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d  # the classes freeze_batch_norm_2d makes
 from timm.models import FeatureListNet
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
 from transformers.utils import ModelOutput, logging
 
 from .configuration_detr_custom import DetrCustomConfig
@@ -39,36 +42,47 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class DetrCustomModelOutput(ModelOutput):
-    """Output of `DetrCustomModel`.
+    """Output of `DetrCustomModel`: the fields of transformers' `DetrModelOutput`, in its order.
+
+    Fields that were not asked for are None; `return_dict=False` gives the others as a tuple in this order:
+    (last_hidden_state, [decoder_hidden_states], [decoder_attentions], [cross_attentions], encoder_last_hidden_state,
+    [encoder_hidden_states], [encoder_attentions], [intermediate_hidden_states]). In training mode with
+    `num_query_groups` G > 1, every Q below is G * Q (eval uses the first group only).
 
     Args:
         last_hidden_state: (B, Q, d) final decoder output, after the decoder LayerNorm.
-        intermediate_hidden_states: (L, B, Q, d) every decoder layer's output after the shared
-            decoder LayerNorm (the last entry equals `last_hidden_state`).
+        decoder_hidden_states: with `output_hidden_states`, L + 1 tensors (B, Q, d): the decoder input (zeros) and
+            every layer's output before the decoder LayerNorm.
+        decoder_attentions: with `output_attentions`, L tensors (B, heads, Q, Q) of self-attention weights
+            ((B * G, heads, Q, Q) with G query groups in training: each group attends only to itself).
+        cross_attentions: with `output_attentions`, L tensors (B, heads, Q, N) of weights over the feature map
+            (N = h * w, row-major, 0 on padding).
         encoder_last_hidden_state: (B, N, d) encoder output ("memory").
-        encoder_hidden_states: with `output_hidden_states`, encoder input and every layer's
-            output, each (B, N, d).
-        decoder_hidden_states: with `output_hidden_states`, decoder input (zeros) and every
-            layer's output before the decoder LayerNorm, each (B, Q, d).
-        encoder_attentions / decoder_attentions / cross_attentions: with `output_attentions`,
-            per layer (B, heads, N, N) / (B, heads, Q, Q) / (B, heads, Q, N).
-        mask: (B, h, w) bool, True on padding, the padding mask at feature-map resolution.
+        encoder_hidden_states: with `output_hidden_states`, encoder_layers + 1 tensors (B, N, d): the encoder input
+            (the projected feature map) and every layer's output.
+        encoder_attentions: with `output_attentions`, encoder_layers tensors (B, heads, N, N).
+        intermediate_hidden_states: with `config.auxiliary_loss` (as transformers' DetrModel), (L, B, Q, d): every
+            decoder layer's output after the shared decoder LayerNorm (the last equals `last_hidden_state`); what
+            the auxiliary losses read.
     """
 
     last_hidden_state: Tensor | None = None
-    intermediate_hidden_states: Tensor | None = None
-    encoder_last_hidden_state: Tensor | None = None
-    encoder_hidden_states: tuple[Tensor, ...] | None = None
     decoder_hidden_states: tuple[Tensor, ...] | None = None
-    encoder_attentions: tuple[Tensor, ...] | None = None
     decoder_attentions: tuple[Tensor, ...] | None = None
     cross_attentions: tuple[Tensor, ...] | None = None
-    mask: Tensor | None = None
+    encoder_last_hidden_state: Tensor | None = None
+    encoder_hidden_states: tuple[Tensor, ...] | None = None
+    encoder_attentions: tuple[Tensor, ...] | None = None
+    intermediate_hidden_states: Tensor | None = None
 
 
 @dataclass
 class DetrCustomObjectDetectionOutput(ModelOutput):
-    """Output of `DetrCustomForObjectDetection`.
+    """Output of `DetrCustomForObjectDetection`: the fields of transformers' `DetrObjectDetectionOutput`, in its order.
+
+    `return_dict=False` gives the fields that are not None as a tuple in this order, e.g. (logits, pred_boxes,
+    last_hidden_state, encoder_last_hidden_state) for a plain inference call, (loss, loss_dict, logits, ...) with
+    labels.
 
     Args:
         loss: scalar total loss (with `labels`): 1 * CE + bbox_loss_coefficient * L1 +
@@ -91,12 +105,12 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
     pred_boxes: Tensor | None = None
     auxiliary_outputs: list[dict] | None = None
     last_hidden_state: Tensor | None = None
-    encoder_last_hidden_state: Tensor | None = None
-    encoder_hidden_states: tuple[Tensor, ...] | None = None
     decoder_hidden_states: tuple[Tensor, ...] | None = None
-    encoder_attentions: tuple[Tensor, ...] | None = None
     decoder_attentions: tuple[Tensor, ...] | None = None
     cross_attentions: tuple[Tensor, ...] | None = None
+    encoder_last_hidden_state: Tensor | None = None
+    encoder_hidden_states: tuple[Tensor, ...] | None = None
+    encoder_attentions: tuple[Tensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -104,7 +118,8 @@ class DetrCustomObjectDetectionOutput(ModelOutput):
 
 def create_timm_backbone(config: DetrCustomConfig, pretrained: bool = False, **kwargs) -> nn.Module:
     """A timm model returning only its last feature map; never downloads unless `pretrained`."""
-    extra = {"output_stride": 16} if config.dilation else {}
+    stride = config.backbone_output_stride or (16 if config.dilation else None)
+    extra = {"output_stride": stride} if stride else {}
     return timm.create_model(config.backbone, pretrained=pretrained, features_only=True,
                              out_indices=(-1,), in_chans=config.num_channels, **extra, **kwargs)
 
@@ -177,6 +192,11 @@ class DetrCustomBackbone(nn.Module):
     `backbone_fold_batch_norm` applies each frozen BatchNorm through the convolution before it
     (`fold_frozen_batch_norms`), `backbone_channels_last` feeds the images in channels-last memory
     format (faster oneDNN and cuDNN kernels). Measured in benchmarks/bench_model.py.
+
+    Gradient checkpointing (`model.activation_checkpointing_enable()`) reaches the body through timm's own
+    `set_grad_checkpointing`, where timm's feature wrapper has one (ResNets' FeatureListNet does): timm then
+    checkpoints each of its modules but the first, the last (layer4) and in-place ones, non-reentrant, whatever
+    `activation_checkpointing_kwargs` say.
     """
 
     def __init__(self, config: DetrCustomConfig):
@@ -190,6 +210,28 @@ class DetrCustomBackbone(nn.Module):
             fold_frozen_batch_norms(self.body)
         if config.freeze_backbone_stem:
             self.freeze_stem()
+        self.mark_timm_init()
+
+    def mark_timm_init(self) -> None:
+        """Mark the body's tensors `_is_hf_initialized`, as transformers marks loaded ones (not on the meta device).
+
+        timm has initialised them (random backbones equal timm's own); the mark keeps `post_init` from
+        initialising them again. A model built on the meta device (`from_pretrained` builds it there) gets no mark,
+        so `_init_weights` gives whatever the checkpoint lacks a proper value.
+        """
+        for tensor in (*self.body.parameters(), *self.body.buffers()):
+            if not tensor.is_meta:
+                tensor._is_hf_initialized = True
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether timm checkpoints the body's stages (set by `model.activation_checkpointing_enable()`)."""
+        return bool(getattr(self.body, "grad_checkpointing", False))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        if hasattr(self.body, "set_grad_checkpointing"):
+            self.body.set_grad_checkpointing(enable)
 
     def freeze_stem(self) -> None:
         """Stop gradients to every module up to and including the first stage."""
@@ -203,7 +245,7 @@ class DetrCustomBackbone(nn.Module):
                 break
 
     def forward(self, pixel_values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """pixel_values: (B, 3, H, W); mask: (B, H, W) bool, True on padding.
+        """pixel_values: (B, num_channels, H, W); mask: (B, H, W) bool, True on padding.
 
         Returns the feature map (B, C_backbone, h, w) and the mask resized to it with nearest
         interpolation, (B, h, w) bool.
@@ -269,26 +311,63 @@ class DetrCustomLearnedPositionEmbedding(nn.Module):
 # ----------------------------------------------------------------------------- transformer
 
 
-class DetrCustomAttention(nn.Module):
-    """Multi-head attention through `scaled_dot_product_attention`.
+def eager_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                            attention_mask: Tensor | None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, Tensor]:
+    """Explicit softmax attention (`attn_implementation="eager"`), the one implementation that returns the weights.
 
-    Parameters use nn.MultiheadAttention's layout (in_proj_weight (3d, d) = [W_q; W_k; W_v]),
-    the original's, so its checkpoints load as they are. When query and key are the same
-    tensor (self-attention: q = k = x + pos) both projections are one matmul.
+    Args:
+        query: (B, heads, Lq, d / heads); key, value: (B, heads, Lk, d / heads).
+        attention_mask: (B, 1, 1, Lk) bool, True = attend; None attends everywhere.
+        dropout: dropout probability on the weights (0 in eval mode).
+    Returns:
+        The output (B, Lq, heads, d / heads), the layout of transformers' attention functions, and the weights
+        (B, heads, Lq, Lk).
+    """
+    scores = (query @ key.transpose(-2, -1)) / math.sqrt(query.shape[-1])
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = scores.softmax(-1)
+    return (F.dropout(weights, dropout) @ value).transpose(1, 2), weights
+
+
+def sdpa_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                           attention_mask: Tensor | None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
+    """`scaled_dot_product_attention` (`attn_implementation="sdpa"`, the default); shapes as `eager_attention_forward`,
+    no weights. Ours, not transformers' SDPA function: that one breaks the ONNX export with dynamic axes
+    (scripts/export_onnx.py)."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
+    return out.transpose(1, 2), None
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
+
+
+class DetrCustomAttention(nn.Module):
+    """Multi-head attention by `config._attn_implementation`, the transformers-5 way.
+
+    "sdpa" (the default) runs `scaled_dot_product_attention`, "eager" the explicit softmax, any other name a
+    function registered with transformers' `AttentionInterface` (called with the same arguments and bool mask).
+    A call that asks for the weights runs in eager whatever the implementation, since SDPA cannot return them.
+    Parameters use nn.MultiheadAttention's layout (in_proj_weight (3d, d) = [W_q; W_k; W_v]), the original's, so
+    its checkpoints load as they are. When query and key are the same tensor (self-attention: q = k = x + pos)
+    both projections are one matmul.
     """
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float):
+    def __init__(self, config: DetrCustomConfig, num_heads: int):
         super().__init__()
-        self.d_model, self.num_heads, self.dropout = d_model, num_heads, dropout
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.config = config
+        self.d_model, self.num_heads, self.dropout = config.d_model, num_heads, config.attention_dropout
+        self.is_causal = False  # read by transformers' attention functions: DETR never masks causally
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * self.d_model, self.d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * self.d_model))
+        self.out_proj = nn.Linear(self.d_model, self.d_model)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """query: (B, Lq, d); key, value: (B, Lk, d); attn_mask: (B, 1, 1, Lk) bool, True = attend.
 
-        Returns the output (B, Lq, d) and, with `need_weights`, the weights (B, heads, Lq, Lk).
+        Returns the output (B, Lq, d) and the weights (B, heads, Lq, Lk) from eager, which every call with
+        `need_weights` runs, or None from SDPA.
         """
         d, w, b = self.d_model, self.in_proj_weight, self.in_proj_bias
         if query is key:
@@ -297,22 +376,11 @@ class DetrCustomAttention(nn.Module):
             q, k = F.linear(query, w[:d], b[:d]), F.linear(key, w[d: 2 * d], b[d: 2 * d])
         v = F.linear(value, w[2 * d:], b[2 * d:])
         q, k, v = (x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for x in (q, k, v))  # (B, heads, L, d/heads)
-        dropout = self.dropout if self.training else 0.0
-        if need_weights:
-            out, weights = self._attention_with_weights(q, k, v, attn_mask, dropout)
-        else:
-            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout), None
-        return self.out_proj(out.transpose(1, 2).flatten(2)), weights
-
-    @staticmethod
-    def _attention_with_weights(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
-                                dropout: float) -> tuple[Tensor, Tensor]:
-        """Explicit softmax attention, only to return the weights (B, heads, Lq, Lk)."""
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        weights = scores.softmax(-1)
-        return F.dropout(weights, dropout) @ v, weights
+        implementation = "eager" if need_weights else self.config._attn_implementation
+        attention = ATTENTION_FUNCTIONS.get(implementation) or \
+            ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        out, weights = attention(self, q, k, v, attn_mask, dropout=self.dropout if self.training else 0.0)
+        return self.out_proj(out.flatten(2)), weights
 
 
 class DetrCustomFeedForward(nn.Module):
@@ -328,13 +396,17 @@ class DetrCustomFeedForward(nn.Module):
         return self.fc2(self.activation_dropout(self.activation(self.fc1(x))))
 
 
-class DetrCustomEncoderLayer(nn.Module):
-    """Post-norm encoder layer; positions are added to queries and keys only."""
+class DetrCustomEncoderLayer(GradientCheckpointingLayer):
+    """Post-norm encoder layer; positions are added to queries and keys only.
+
+    A GradientCheckpointingLayer: with gradient checkpointing on, training recomputes it in the backward pass
+    (tensors are passed positionally, so they are the checkpoint's inputs).
+    """
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__()
         d = config.d_model
-        self.self_attn = DetrCustomAttention(d, config.encoder_attention_heads, config.attention_dropout)
+        self.self_attn = DetrCustomAttention(config, config.encoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.mlp = DetrCustomFeedForward(d, config.encoder_ffn_dim, config.activation_function,
                                          config.activation_dropout)
@@ -351,15 +423,16 @@ class DetrCustomEncoderLayer(nn.Module):
         return src, weights
 
 
-class DetrCustomDecoderLayer(nn.Module):
-    """Post-norm decoder layer: self-attention between queries, cross-attention to the image."""
+class DetrCustomDecoderLayer(GradientCheckpointingLayer):
+    """Post-norm decoder layer: self-attention between queries, cross-attention to the image (checkpointed like
+    the encoder layer)."""
 
     def __init__(self, config: DetrCustomConfig):
         super().__init__()
         d, heads = config.d_model, config.decoder_attention_heads
-        self.self_attn = DetrCustomAttention(d, heads, config.attention_dropout)
+        self.self_attn = DetrCustomAttention(config, heads)
         self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.encoder_attn = DetrCustomAttention(d, heads, config.attention_dropout)
+        self.encoder_attn = DetrCustomAttention(config, heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(d)
         self.mlp = DetrCustomFeedForward(d, config.decoder_ffn_dim, config.activation_function,
                                          config.activation_dropout)
@@ -454,13 +527,19 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DetrCustomEncoderLayer", "DetrCustomDecoderLayer"]
     # a Group DETR checkpoint (num_query_groups K > 1) loaded with K = 1 drops groups 2..K, by design
     _keys_to_ignore_on_load_unexpected = [r"extra_query_position_embeddings"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True  # the default; "eager" on request (attn_implementation="eager")
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The original's init, applied to our own modules only (timm owns the backbone's).
+        """The original's init for our modules, a fresh timm-style init for the backbone's.
 
         xavier_uniform on every transformer weight of dim > 1; the input projection, query
-        embeddings and heads keep PyTorch's defaults. Dispatches on the modules that hold the
+        embeddings and heads keep PyTorch's defaults. Backbone convolutions get timm's ResNet init
+        (kaiming normal, fan_out, ReLU gain; biases 0) and frozen BatchNorms the identity (weight 1,
+        bias 0, running_mean 0, running_var 1). Every value goes through `transformers.initialization`,
+        which skips tensors marked `_is_hf_initialized`: loaded ones, and those timm initialised at
+        construction (`DetrCustomBackbone.mark_timm_init`). Dispatches on the modules that hold the
         parameters: transformers skips custom-code modules without parameters of their own, so
         a head re-created for a new label set is initialised here too.
         """
@@ -473,6 +552,15 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
             init.zeros_(module.out_proj.bias)
         elif isinstance(module, SetCriterion):
             init.copy_(module.class_weight, class_weights(self.config))
+        elif kind == "backbone_conv":
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif kind == "frozen_batch_norm":
+            # through the buffers themselves: a folded convolution reads these same buffers
+            for buffer, value in ((module.weight, 1.0), (module.bias, 0.0), (module.running_mean, 0.0),
+                                  (module.running_var, 1.0)):
+                init.constant_(buffer, value)
         elif kind == "learned_position":
             init.uniform_(module.weight)
         elif kind is not None:
@@ -481,11 +569,17 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
                 init.xavier_uniform_(module.weight, gain=gain)
 
     def _init_kinds(self) -> dict[int, str]:
-        """id(module) -> how to initialise it, for our leaf modules outside the backbone and attention."""
+        """id(module) -> how to initialise it, for every leaf module that holds tensors, attention excepted."""
         if "_init_kinds_cache" not in self.__dict__:
             backbone = {id(m) for m in self.modules() if isinstance(m, DetrCustomBackbone) for m in m.modules()}
-            kinds = {id(m): "default" for m in self.modules()
-                     if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm)) and id(m) not in backbone}
+            kinds = {}
+            for m in self.modules():
+                if id(m) in backbone and isinstance(m, nn.Conv2d):
+                    kinds[id(m)] = "backbone_conv"
+                elif id(m) in backbone and isinstance(m, (FrozenBatchNorm2d, FrozenBatchNormAct2d)):
+                    kinds[id(m)] = "frozen_batch_norm"
+                elif id(m) not in backbone and isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm)):
+                    kinds[id(m)] = "default"
             for m in self.modules():
                 if isinstance(m, DetrCustomFeedForward) and self.config.ffn_init == "xavier":
                     kinds[id(m.fc1)] = kinds[id(m.fc2)] = "xavier"
@@ -495,6 +589,14 @@ class DetrCustomPreTrainedModel(PreTrainedModel):
                     kinds.pop(id(m.out_proj), None)  # initialised with its attention module
             self.__dict__["_init_kinds_cache"] = kinds
         return self.__dict__["_init_kinds_cache"]
+
+    def _output_flags(self, output_hidden_states: bool | None, output_attentions: bool | None,
+                      return_dict: bool | None) -> tuple[bool, bool, bool]:
+        """The call's output flags; None takes the config's (`config.output_hidden_states`, ...), as in transformers."""
+        config = self.config
+        pick = lambda value, default: bool(default if value is None else value)  # noqa: E731
+        return (pick(output_hidden_states, config.output_hidden_states),
+                pick(output_attentions, config.output_attentions), pick(return_dict, config.return_dict))
 
 
 def class_weights(config: DetrCustomConfig) -> Tensor:
@@ -559,9 +661,17 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
                 return_dict: bool | None = None, **kwargs) -> DetrCustomModelOutput | tuple:
         """
         Args:
-            pixel_values: (B, 3, H, W) normalised images, zero-padded bottom/right.
+            pixel_values: (B, num_channels, H, W) normalised images, zero-padded bottom/right.
             pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; None = no padding.
+            output_hidden_states, output_attentions, return_dict: None takes the config's value
+                (`config.output_hidden_states`, `config.output_attentions`, `config.return_dict`).
+                Attention weights come from the eager implementation, which such a call uses.
+
+        Returns:
+            `DetrCustomModelOutput`, or with `return_dict=False` its fields that are not None as a tuple.
         """
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict)
         self._check_inputs(pixel_values, pixel_mask)
         if pixel_mask is None:
             padding = pixel_values.new_zeros(pixel_values.shape[0], *pixel_values.shape[2:], dtype=torch.bool)
@@ -571,19 +681,17 @@ class DetrCustomModel(DetrCustomPreTrainedModel):
         src = self.input_projection(features).flatten(2).transpose(1, 2)  # (B, N, d)
         pos = self.position_embedding(mask).to(src.dtype).flatten(2).transpose(1, 2)  # (B, N, d)
         attn_mask = ~mask.flatten(1)[:, None, None, :]  # (B, 1, 1, N), True = attend
-        memory, enc_states, enc_attns = self.encoder(src, pos, attn_mask, bool(output_hidden_states),
-                                                     bool(output_attentions))
+        memory, enc_states, enc_attns = self.encoder(src, pos, attn_mask, output_hidden_states, output_attentions)
         queries = self.object_queries()
         query_pos = queries[None].expand(src.shape[0], -1, -1)  # (B, G * Q, d)
         normed, dec_states, self_attns, cross_attns = self.decoder(
-            query_pos, memory, pos, attn_mask, bool(output_hidden_states), bool(output_attentions),
+            query_pos, memory, pos, attn_mask, output_hidden_states, output_attentions,
             num_groups=queries.shape[0] // self.config.num_queries)
         output = DetrCustomModelOutput(
-            last_hidden_state=normed[-1], intermediate_hidden_states=normed,
-            encoder_last_hidden_state=memory, encoder_hidden_states=enc_states,
-            decoder_hidden_states=dec_states, encoder_attentions=enc_attns,
-            decoder_attentions=self_attns, cross_attentions=cross_attns, mask=mask)
-        return output if return_dict is not False else output.to_tuple()
+            last_hidden_state=normed[-1], decoder_hidden_states=dec_states, decoder_attentions=self_attns,
+            cross_attentions=cross_attns, encoder_last_hidden_state=memory, encoder_hidden_states=enc_states,
+            encoder_attentions=enc_attns, intermediate_hidden_states=normed if self.config.auxiliary_loss else None)
+        return output if return_dict else output.to_tuple()
 
 
 class DetrCustomMLP(nn.Module):
@@ -623,12 +731,18 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
                 **kwargs) -> DetrCustomObjectDetectionOutput | tuple:
         """
         Args:
-            pixel_values: (B, 3, H, W) normalised images, zero-padded bottom/right.
+            pixel_values: (B, num_channels, H, W) normalised images, zero-padded bottom/right.
             pixel_mask: (B, H, W), 1 on real pixels and 0 on padding; None = no padding.
             labels: B dicts with `class_labels` (n,) int64 in [0, num_labels) and `boxes`
                 (n, 4) normalised (cx, cy, w, h) relative to the image's UNPADDED size.
+            output_hidden_states, output_attentions, return_dict: as in `DetrCustomModel.forward`.
+
+        Returns:
+            `DetrCustomObjectDetectionOutput`, or with `return_dict=False` its fields that are not None as a tuple.
         """
-        outputs = self.model(pixel_values, pixel_mask, output_hidden_states, output_attentions)
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict)
+        outputs = self.model(pixel_values, pixel_mask, output_hidden_states, output_attentions, return_dict=True)
         with_aux = self.config.auxiliary_loss and labels is not None
         hidden = outputs.intermediate_hidden_states if with_aux else outputs.last_hidden_state[None]
         logits = self.class_labels_classifier(hidden)  # (L or 1, B, Q, C + 1)
@@ -643,16 +757,18 @@ class DetrCustomForObjectDetection(DetrCustomPreTrainedModel):
         output = DetrCustomObjectDetectionOutput(
             loss=loss, loss_dict=loss_dict, logits=logits[-1], pred_boxes=pred_boxes[-1],
             auxiliary_outputs=auxiliary_outputs, last_hidden_state=outputs.last_hidden_state,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            decoder_hidden_states=outputs.decoder_hidden_states,
-            encoder_attentions=outputs.encoder_attentions, decoder_attentions=outputs.decoder_attentions,
-            cross_attentions=outputs.cross_attentions)
-        return output if return_dict is not False else output.to_tuple()
+            decoder_hidden_states=outputs.decoder_hidden_states, decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions, encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states, encoder_attentions=outputs.encoder_attentions)
+        return output if return_dict else output.to_tuple()
 
 
 DetrCustomModel.register_for_auto_class("AutoModel")
 DetrCustomForObjectDetection.register_for_auto_class("AutoModelForObjectDetection")
+# pipeline("object-detection") checks the model's class name against this table of names only (not against
+# the classes registered with AutoModelForObjectDetection) and logs an error listing every detector otherwise.
+# Importing this file, as remote code or from the installed package, lists ours under its model type.
+MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES.setdefault(DetrCustomConfig.model_type, DetrCustomForObjectDetection.__name__)
 
 __all__ = ["DetrCustomModel", "DetrCustomForObjectDetection", "DetrCustomPreTrainedModel",
            "DetrCustomModelOutput", "DetrCustomObjectDetectionOutput"]

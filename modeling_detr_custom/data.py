@@ -43,10 +43,13 @@ import datasets
 from datasets import ClassLabel, DatasetDict, Features, List, Value
 from PIL import Image
 
+from .checks import read_json
+from .image_processing_detr_custom import HIGH_BIT_DEPTH_FULL_SCALE, pil_to_rgb8
+
 logger = logging.getLogger(__name__)
 
 # Bump when the rows produced for the same files change, so old caches are not reused.
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: 16-bit images re-encoded scaled to 8 bits, not clipped
 _EXIF_ORIENTATION = 0x0112
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -57,6 +60,7 @@ REPORT_KEYS: tuple[str, ...] = (
     "corrupt_images",  # PIL cannot open/verify it: skipped (ValueError with "raise")
     "size_mismatch_images",  # file size differs from the json width/height: skipped ("raise": error)
     "exif_rotated_images",  # kept; stored re-encoded WITHOUT the rotation (COCO boxes are in raw pixels)
+    "high_bit_depth_images",  # kept; 16-bit / float grayscale, scaled to 8 bits when decoded (pil_to_rgb8)
     "images_without_annotations",  # kept: valid negative images
     "annotations",  # annotations listed in the file
     "annotations_kept",
@@ -186,24 +190,25 @@ class _ImageInfo:
     exif_rotated: bool
 
 
-def _probe_image(path: Path, full_decode: bool) -> tuple[str, int, int, bool]:
-    """(status, width, height, exif_rotated); status is "ok", "missing" or "corrupt".
+def _probe_image(path: Path, full_decode: bool) -> tuple[str, int, int, bool, bool]:
+    """(status, width, height, exif_rotated, high_bit_depth); status is "ok", "missing" or "corrupt".
 
     Reads only the header (plus PIL's ``verify``) unless ``full_decode``: cheap enough for COCO.
     """
     if not path.is_file():
-        return "missing", 0, 0, False
+        return "missing", 0, 0, False, False
     try:
         with Image.open(path) as im:
             width, height = im.size
             rotated = _exif_rotated(im.info.get("exif"))
+            high_bit_depth = im.mode in HIGH_BIT_DEPTH_FULL_SCALE
             im.verify()
         if full_decode:  # verify() does not catch truncated JPEGs; a full decode does
             with Image.open(path) as im:
                 im.load()
     except Exception:  # noqa: BLE001 - any failure to read means "corrupt"
-        return "corrupt", 0, 0, False
-    return "ok", width, height, rotated
+        return "corrupt", 0, 0, False, False
+    return "ok", width, height, rotated, high_bit_depth
 
 
 def _exif_rotated(exif_bytes: bytes | None) -> bool:
@@ -233,7 +238,7 @@ def _check_images(images: list[dict], image_dir: Path, full_decode: bool, report
     with ThreadPoolExecutor(workers) as pool:
         probes = list(pool.map(lambda p: _probe_image(p, full_decode), paths))
     kept: dict[int, _ImageInfo] = {}
-    for img, path, (status, w, h, rotated) in zip(images, paths, probes):
+    for img, path, (status, w, h, rotated, high_bit_depth) in zip(images, paths, probes):
         if status == "ok" and (img.get("width", w), img.get("height", h)) != (w, h):
             status = "size_mismatch"
         if status != "ok":
@@ -241,6 +246,7 @@ def _check_images(images: list[dict], image_dir: Path, full_decode: bool, report
             _bad(raise_on_bad, f"image {img['id']} ({path}): {status.replace('_', ' ')}")
             continue
         report["exif_rotated_images"] += int(rotated)
+        report["high_bit_depth_images"] += int(high_bit_depth)
         kept[int(img["id"])] = _ImageInfo(path, w, h, rotated)
     return kept
 
@@ -340,7 +346,7 @@ def _raw_png_bytes(path: Path) -> bytes:
     """
     with Image.open(path) as im:
         buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="PNG")
+        pil_to_rgb8(im, str(path)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -382,7 +388,7 @@ def _load_coco_split(
 ) -> tuple[datasets.Dataset, LabelMapping, dict[str, int]]:
     """Check, clean and build one split (cached by :func:`_fingerprint`)."""
     ann_bytes = split.annotation_file.read_bytes()
-    coco = json.loads(ann_bytes)
+    coco = read_json(split.annotation_file, ann_bytes)
     for key in ("images", "annotations", "categories"):
         if key not in coco:
             raise ValueError(f"{split.annotation_file} is not a COCO detection file: no {key!r} key")

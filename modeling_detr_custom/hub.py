@@ -20,7 +20,6 @@ Every failure raises a `HubError` subclass whose message names the cause; the bu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -38,6 +37,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
+from .checks import load_checked, read_json
 from .image_processing_detr_custom import DetrCustomImageProcessor
 from .modeling_detr_custom import DetrCustomForObjectDetection
 
@@ -117,9 +117,11 @@ def _prepare_local_dir(local_dir: Path, model_dir: Path) -> None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        data = read_json(path)
+    except OSError as err:
         raise HubError(f"cannot read {path}: {err}") from None
+    except ValueError as err:
+        raise HubError(str(err)) from None
     if not isinstance(data, dict):
         raise HubError(f"{path} holds a {type(data).__name__}, expected a JSON object")
     return data
@@ -345,7 +347,10 @@ def load_source(model_dir: Path) -> tuple[DetrCustomForObjectDetection, DetrCust
         if not (model_dir / name).is_file():
             raise HubError(f"{model_dir} has no {name}: save the model and its image processor there with "
                            "save_pretrained (train.py does both)")
-    model = DetrCustomForObjectDetection.from_pretrained(model_dir, dtype=torch.float32).eval()
+    try:  # corrupt, incomplete or non-finite weights: nothing to ship
+        model = load_checked(DetrCustomForObjectDetection, model_dir, dtype=torch.float32).eval()
+    except ValueError as err:
+        raise HubError(str(err)) from None
     processor = DetrCustomImageProcessor.from_pretrained(model_dir)
     return model, processor
 
@@ -465,6 +470,8 @@ def compare_outputs(reference: Mapping[str, Any], loaded: Mapping[str, Any], ato
         ref, got = reference[key], loaded[key]
         if ref.shape != got.shape:
             problems.append(f"{key}: shape {tuple(got.shape)} != source {tuple(ref.shape)}")
+        elif not bool(torch.isfinite(ref.float()).all() & torch.isfinite(got.float()).all()):
+            problems.append(f"{key}: NaN or Inf in the outputs (no tolerance check can pass them)")
         elif (ref.float() - got.float()).abs().max() > atol:
             problems.append(f"{key}: max abs difference {(ref.float() - got.float()).abs().max():.3g} > {atol}")
     ref_found, got_found = reference["pipeline"], loaded["pipeline"]

@@ -84,6 +84,11 @@ def check_label_structure(labels: list[dict], batch_size: int) -> None:
             got = sorted(target) if isinstance(target, dict) else type(target).__name__
             raise ValueError(f"labels[{i}] must be a dict with 'class_labels' (n,) and 'boxes' (n, 4); got {got}")
         classes, boxes = target["class_labels"], target["boxes"]
+        if not isinstance(classes, Tensor) or not isinstance(boxes, Tensor):
+            raise ValueError(f"labels[{i}]: 'class_labels' and 'boxes' must be torch tensors ((n,) int64, (n, 4) "
+                             f"float); got {type(classes).__name__} and {type(boxes).__name__}")
+        if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+            raise ValueError(f"labels[{i}]['class_labels'] must be integer class ids; got dtype {classes.dtype}")
         if boxes.ndim != 2 or boxes.shape[-1] != 4 or tuple(classes.shape) != tuple(boxes.shape[:1]):
             raise ValueError(f"labels[{i}]: 'boxes' must be (n, 4) and 'class_labels' (n,); got "
                              f"{tuple(boxes.shape)} and {tuple(classes.shape)}")

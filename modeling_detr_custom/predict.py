@@ -21,6 +21,9 @@ import PIL.ImageOps
 import torch
 from PIL import ImageDraw, ImageFont
 
+from .checks import check_finite_outputs, load_checked, make_output_folder, read_json
+from .image_processing_detr_custom import pil_to_rgb8
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RESULTS_FILE = "detections.json"
 BOX_FORMAT = "xyxy: absolute (xmin, ymin, xmax, ymax) pixels of the image after its EXIF orientation"
@@ -59,14 +62,15 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], lis
 
 
 def open_image(path: Path) -> PIL.Image.Image:
-    """The image as displayed: EXIF orientation applied, RGB. Raises ValueError naming the file if it is not
-    an image PIL can decode."""
+    """The image as displayed: EXIF orientation applied, 8-bit RGB (16-bit images scaled, `pil_to_rgb8`).
+    Raises ValueError naming the file if it is not an image PIL can decode, or has values its mode cannot hold."""
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return PIL.ImageOps.exif_transpose(image).convert("RGB")
+            upright = PIL.ImageOps.exif_transpose(image)
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{path} is not a readable image: {err}") from None
+    return pil_to_rgb8(upright, str(path))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -114,8 +118,8 @@ def load_detector(model_ref: str | os.PathLike, device: torch.device) -> tuple[A
         raise ModelLoadError(f"model folder not found: {ref} ({path.resolve()})")
     else:
         source, what = ref, f"{ref!r} (no local folder of that name; tried it as a Hub repo id)"
-    try:
-        model = AutoModelForObjectDetection.from_pretrained(source, trust_remote_code=True)
+    try:  # corrupt, incomplete or non-finite weights are refused: they would give wrong detections, silently
+        model = load_checked(AutoModelForObjectDetection, source, trust_remote_code=True)
         processor = AutoImageProcessor.from_pretrained(source, trust_remote_code=True)
     except (OSError, ValueError, ImportError) as err:
         raise ModelLoadError(f"cannot load a detector from {what}: {err}") from None
@@ -132,6 +136,7 @@ def detect(model: Any, processor: Any, images: Sequence[PIL.Image.Image], thresh
     """
     inputs = processor(images=list(images), return_tensors="pt", device=device)
     outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+    check_finite_outputs(outputs.logits, outputs.pred_boxes, f"detections of a batch of {len(images)} image(s)")
     sizes = torch.tensor([[im.height, im.width] for im in images], device=device)
     results = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes)
     id2label = model.config.id2label
@@ -243,8 +248,29 @@ def _run_batch(model: Any, processor: Any, paths: Sequence[Path], indices: Seque
             for (index, path, image), detections in zip(opened, found)}
 
 
+def _previous_outputs(out: Path) -> set[str]:
+    """Names of the files an earlier run wrote into ``out`` (its detections.json and drawn images): the only
+    existing files a new run may replace. Raises ValueError when ``out`` holds a detections.json that is not
+    such a report."""
+    report_path = out / RESULTS_FILE
+    if not report_path.is_file():
+        return set()
+    report = read_json(report_path)
+    if not (isinstance(report, dict) and "box_format" in report and isinstance(report.get("images"), list)):
+        raise ValueError(f"{report_path} exists and is not a report of predict.py; choose another output_dir "
+                         "(it is never overwritten)")
+    return {RESULTS_FILE, *(str(i.get("output_image")) for i in report["images"] if isinstance(i, dict))}
+
+
+def _taken_names(out: Path, files: Sequence[Path]) -> set[str]:
+    """Names in ``out`` no output may take: the inputs in it and every existing file but `_previous_outputs`."""
+    replaceable = _previous_outputs(out)
+    existing = {p.name for p in out.iterdir()} - replaceable if out.is_dir() else set()
+    return existing | {p.name for p in files if p.resolve().parent == out.resolve()}
+
+
 def _output_name(path: Path, used: set[str]) -> str:
-    """``<stem>.png``, with a counter when two inputs share a stem."""
+    """``<stem>.png``, with a counter when two inputs share a stem or the name is taken (``used``)."""
     name, k = f"{path.stem}.png", 1
     while name in used or name == RESULTS_FILE:
         name, k = f"{path.stem}_{k}.png", k + 1
@@ -256,7 +282,8 @@ def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathL
                    output_dir: str | os.PathLike = "predictions", batch_size: int = 4, device: str = "auto",
                    log: Any = print) -> dict[str, Any]:
     """Detect objects in every image of ``inputs`` (files or folders); write ``<output_dir>/detections.json``
-    and one ``<stem>.png`` per image with the detections drawn. Inputs that are not images are reported
+    and one ``<stem>.png`` per image with the detections drawn (``<stem>_1.png`` when the name is taken: an
+    input or a file an earlier run did not write is never replaced). Inputs that are not images are reported
     through ``log`` and listed under "skipped"; the rest are still processed.
 
     Returns the JSON report: {"model", "threshold", "device", "box_format", "images": [{"path", "width",
@@ -270,8 +297,8 @@ def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathL
     torch_device = resolve_device(device)
     model, processor = load_detector(model_ref, torch_device)  # before any output: a bad model writes nothing
     files, skipped = collect_images(inputs)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    used = _taken_names(Path(output_dir), files)  # outputs never replace an input or a file of someone else
+    out = make_output_folder(output_dir, "output_dir")
     report: dict[str, Any] = {"model": str(model_ref), "threshold": threshold, "device": str(torch_device),
                               "box_format": BOX_FORMAT, "images": [], "skipped": skipped}
     for item in skipped:
@@ -284,7 +311,6 @@ def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathL
         except ValueError as err:
             skipped.append({"path": str(path), "reason": str(err)})
             log(f"skipped {path}: {err}")
-    used: set[str] = set()
     names = [_output_name(path, used) for path in readable]  # from the inputs' order, whatever the batching
     entries: dict[int, dict[str, Any]] = {}
     for batch in same_size_batches(sizes, batch_size):

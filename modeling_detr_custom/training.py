@@ -14,7 +14,8 @@ What lives here, top to bottom:
   optional linear warmup) as a pure function of the step, so resuming needs no scheduler state;
 * checkpoints written atomically with `accelerator.save_state`, rotation, `latest` resolution;
 * COCO evaluation gathered across processes without the duplicates distributed padding adds;
-* the training loop itself (`run_training`), with a non-finite-loss stop and SIGTERM/SIGINT checkpoints.
+* the training loop itself (`run_training`), with a non-finite-loss stop, a warning when the loss blows up,
+  SIGTERM/SIGINT checkpoints, and a refusal to start a new run in a folder that holds a previous one.
 
 Box formats: dataset rows hold absolute COCO ``[x, y, w, h]`` pixels; model targets are normalised
 ``(cx, cy, w, h)`` relative to each image's UNPADDED size; predictions handed to the metric are
@@ -39,12 +40,16 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
+from .checks import check_finite_outputs, load_checked, make_output_folder, read_json
 from .coco_metric import coco_box_ap, deduplicate_by_image_id, predictions_from_post_processed
 from .configuration_detr_custom import DetrCustomConfig
-from .data import DetectionData, find_split, load_coco_folder_with_info, load_detection_dataset, metric_references
+from .curves import plot_training_curves
+from .data import (DetectionData, find_split, load_coco_folder_with_info, load_detection_dataset, metric_references,
+                   objects_as_columns)
 from .image_processing_detr_custom import DetrCustomImageProcessor
 from .modeling_detr_custom import DetrCustomForObjectDetection
 from .synthetic import make_synthetic_coco
@@ -66,18 +71,22 @@ METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "all_results.json"
 ARGS_FILE = "training_args.json"
 PICTURE_FILE = "detections.png"
+CURVES_FILE = "training_curves.png"
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 # ----------------------------------------------------------------------------- presets
 
-# Model configs (DetrCustomConfig kwargs). `demo` was picked for the best validation AP50 of the
-# synthetic shapes in about 10 minutes on a 2-core CPU (README); DETR from scratch learns slowly,
-# and a tiny random backbone, small images and few queries are what make CPU learning visible.
+# Model configs (DetrCustomConfig kwargs). `demo` was picked by measurement for the best validation AP50 of
+# the synthetic shapes in under 10 minutes on a 2-core CPU (README, BENCHMARKS.md). DETR from scratch learns
+# slowly; what makes CPU learning visible: a tiny random backbone at stride 8 (a 8x8 feature map of the 64 px
+# images), d_model 128 (1.5x faster steps than 256 for a little less learning per step), few queries, Group DETR with 4 groups in training (inference is DETR's), and PyTorch's default
+# init of the feed-forward layers: with the original's xavier init this small model stalled (AP50 0.05
+# instead of 0.53 after 24 epochs). `r50` is the paper's model, init included.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "demo": dict(backbone="test_resnet", dilation=True, freeze_backbone_stem=False, d_model=256,
+    "demo": dict(backbone="test_resnet", backbone_output_stride=8, freeze_backbone_stem=False, d_model=128,
                  encoder_layers=2, decoder_layers=2, encoder_attention_heads=8, decoder_attention_heads=8,
-                 encoder_ffn_dim=512, decoder_ffn_dim=512, num_queries=10, dropout=0.0,
-                 attention_dropout=0.0, activation_dropout=0.0),
+                 encoder_ffn_dim=512, decoder_ffn_dim=512, num_queries=10, num_query_groups=4, ffn_init="pytorch",
+                 dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
     "tiny": dict(backbone="test_resnet", d_model=32, encoder_layers=1, decoder_layers=2,
                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
                  decoder_ffn_dim=64, num_queries=12),
@@ -86,15 +95,15 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 # Training defaults per preset, used for every option left unset on the command line / file.
 # `r50` is the original DETR recipe (COCO, 300 epochs, lr x0.1 at 200).
-# The small presets use one torch thread: their steps are too small to gain much from a second core,
-# and on a busy 2-core machine two threads made a demo step 5x slower (benchmarks/bench_train.py).
+# The small presets take the idle cores (`resolve_num_threads`): a demo step is about 1.5x faster on both
+# cores of an idle 2-core machine, but several times slower on two threads when another job keeps a core busy.
 TRAINING_PRESETS: dict[str, dict[str, Any]] = {
-    "demo": dict(image_size=64, learning_rate=2e-4, backbone_learning_rate=2e-4, num_train_epochs=24,
-                 lr_drop_epochs=18, per_device_train_batch_size=8, backbone_weights="none", augmentation=False,
-                 num_threads=1),
+    "demo": dict(image_size=64, learning_rate=2e-4, backbone_learning_rate=2e-4, num_train_epochs=28,
+                 lr_drop_epochs=21, per_device_train_batch_size=8, backbone_weights="none", augmentation=False,
+                 num_threads="auto"),
     "tiny": dict(image_size=64, learning_rate=1e-4, backbone_learning_rate=1e-5, num_train_epochs=1,
                  lr_drop_epochs=None, per_device_train_batch_size=2, backbone_weights="none", augmentation=True,
-                 num_threads=1),
+                 num_threads="auto"),
     "r50": dict(image_size=800, learning_rate=1e-4, backbone_learning_rate=1e-5, num_train_epochs=300,
                 lr_drop_epochs=200, per_device_train_batch_size=2, backbone_weights="timm", augmentation=True,
                 num_threads=0),
@@ -149,8 +158,10 @@ def validate_args(args: Any) -> None:
     for key in ("learning_rate",):
         if not getattr(args, key) > 0:
             raise ValueError(f"--{key} must be > 0; got {getattr(args, key)!r}")
+    if args.num_threads != "auto" and not (isinstance(args.num_threads, int) and args.num_threads >= 0):
+        raise ValueError(f"--num_threads must be 'auto' or an integer >= 0; got {args.num_threads!r}")
     for key in ("backbone_learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "checkpointing_steps",
-                "checkpointing_epochs", "dataloader_num_workers", "num_threads"):
+                "checkpointing_epochs", "dataloader_num_workers"):
         if getattr(args, key) < 0:
             raise ValueError(f"--{key} must be >= 0; got {getattr(args, key)!r}")
     if args.lr_drop_epochs is not None and args.lr_drop_epochs < 0:
@@ -272,7 +283,8 @@ class DetrCollator:
         """Call before creating the epoch's iterator: worker processes get a copy at that moment."""
         self.epoch = int(epoch)
 
-    def decode(self, row: Mapping[str, Any]) -> tuple[Tensor, Mapping[str, Any]]:
+    @staticmethod
+    def decode(row: Mapping[str, Any]) -> tuple[Tensor, Mapping[str, Any]]:
         """(uint8 (3, H, W) image, objects); unreadable images -> grey image, no objects."""
         try:
             return pil_to_uint8_chw(row["image"]), row["objects"]
@@ -458,7 +470,10 @@ def load_for_finetuning(path: str, id2label: dict[int, str], overrides: str | No
     config.id2label = id2label
     config.label2id = {v: k for k, v in id2label.items()}
     apply_config_overrides(config, overrides)
-    model = DetrCustomForObjectDetection.from_pretrained(path, config=config, ignore_mismatched_sizes=True)
+    # missing keys are allowed (new layers from --config_overrides start from scratch, logged); corrupt or
+    # non-finite weights are not
+    model = load_checked(DetrCustomForObjectDetection, path, allow_missing=True, config=config,
+                         ignore_mismatched_sizes=True)
     if old != id2label:
         if len(old) == len(id2label):
             model.class_labels_classifier.reset_parameters()
@@ -541,7 +556,7 @@ class TrainState:
 
     @classmethod
     def load(cls, folder: Path) -> "TrainState":
-        return cls(**json.loads((folder / TRAINING_STATE_FILE).read_text()))
+        return cls(**read_json(folder / TRAINING_STATE_FILE))
 
 
 def checkpoint_step(path: Path) -> int:
@@ -576,17 +591,24 @@ def resolve_checkpoint(resume: str | None, output_dir: str | os.PathLike) -> Pat
     return path
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, total_limit: int | None) -> Path:
+def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, total_limit: int | None,
+                    saved: Path | None = None) -> Path:
     """`accelerator.save_state` into ``checkpoints/checkpoint-<step>``, atomically.
 
     Everything is written to a temporary folder that is renamed once complete, so a crash or a
     kill during saving never leaves a checkpoint that `latest` would pick. Then only the newest
     ``total_limit`` checkpoints are kept. Every process must call this.
+
+    ``saved``: the checkpoint this run last wrote or resumed from. When it is this step's folder there is
+    nothing to write (a step and an epoch checkpoint coincide); any other folder of that name is stale (left
+    by the trajectory before a resume from an earlier step) and is replaced, never reused.
     """
     root = output_dir / CHECKPOINTS_DIR
     final = root / f"{CHECKPOINT_PREFIX}{state.global_step}"
-    if (final / TRAINING_STATE_FILE).is_file():
-        return final  # already saved at this step (e.g. a step and an epoch checkpoint coincide)
+    if saved is not None and saved.resolve() == final.resolve():
+        return final
+    if (final / TRAINING_STATE_FILE).is_file() and accelerator.is_main_process:
+        logger.warning("replacing %s, written before this run resumed from an earlier step", final)
     tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -601,6 +623,12 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, total
         rotate_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_job_checkpoint(job: Job) -> None:
+    """`save_checkpoint` of the job's current state (once per step); it becomes ``job.last_checkpoint``."""
+    job.last_checkpoint = save_checkpoint(job.accelerator, job.output_dir, job.state, job.args.checkpoints_total_limit,
+                                          job.last_checkpoint)
 
 
 def rotate_checkpoints(output_dir: Path, total_limit: int | None) -> None:
@@ -629,6 +657,8 @@ def predict(model: torch.nn.Module, dataloader: Iterable, processor: DetrCustomI
     for batch in dataloader:
         with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
             outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+        # NaN scores would fall below any threshold: AP 0 for a broken model instead of an error
+        check_finite_outputs(outputs.logits, outputs.pred_boxes, "evaluation")
         targets = labels_to_device_free(batch["labels"])
         sizes = torch.stack([t["orig_size"] for t in targets])
         # threshold -1 keeps every query: softmax scores are >= 0
@@ -673,9 +703,9 @@ def evaluate_coco(model: torch.nn.Module, dataloader: Iterable, processor: DetrC
 def draw_detections(images: Sequence[Image.Image], detections: Sequence[Mapping[str, Any]],
                     id2label: Mapping[int, str], path: str | os.PathLike,
                     ground_truth: Sequence[Sequence[Sequence[float]]] | None = None, min_side: int = 256) -> Path:
-    """Save the images side by side with their detections (red, ``label score``) and optional ground
-    truth (green). ``detections[i]``: ``boxes`` (n, 4) absolute xyxy pixels of image i, ``scores``,
-    ``labels``; ``ground_truth[i]``: absolute COCO xywh boxes."""
+    """Save the images side by side with their detections (red, ``label score``), optional ground
+    truth (green) and a legend below them. ``detections[i]``: ``boxes`` (n, 4) absolute xyxy pixels of
+    image i, ``scores``, ``labels``; ``ground_truth[i]``: absolute COCO xywh boxes."""
     tiles = []
     for i, (image, det) in enumerate(zip(images, detections)):
         scale = max(1.0, min_side / min(image.size))
@@ -690,13 +720,28 @@ def draw_detections(images: Sequence[Image.Image], detections: Sequence[Mapping[
             draw.rectangle([x0, max(0, y0 - 11), x0 + 6 * len(text), max(0, y0 - 11) + 11], fill=(255, 0, 0))
             draw.text((x0 + 1, max(0, y0 - 11)), text, fill=(255, 255, 255))
         tiles.append(tile)
-    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), max(t.height for t in tiles)), "white")
+    height = max(t.height for t in tiles)
+    canvas = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), height + LEGEND_HEIGHT), "white")
     x = 0
     for tile in tiles:
         canvas.paste(tile, (x, 0))
         x += tile.width + 4
+    draw_legend(ImageDraw.Draw(canvas), height, with_truth=bool(ground_truth))
     canvas.save(path)
     return Path(path)
+
+
+LEGEND_HEIGHT = 18
+
+
+def draw_legend(draw: ImageDraw.ImageDraw, top: int, with_truth: bool) -> None:
+    """A key under the tiles: which colour is the ground truth and which the predictions."""
+    entries = ([((0, 200, 0), "ground truth")] if with_truth else []) + [((255, 0, 0), "prediction (label score)")]
+    x = 4
+    for colour, text in entries:
+        draw.rectangle([x, top + 4, x + 14, top + 14], outline=colour, width=2)
+        draw.text((x + 20, top + 4), text, fill=(0, 0, 0))
+        x += 20 + 6 * len(text) + 16
 
 
 def _tolist(value: Any) -> list:
@@ -707,14 +752,15 @@ def _tolist(value: Any) -> list:
 def save_detection_picture(model: DetrCustomForObjectDetection, processor: DetrCustomImageProcessor,
                            dataset: datasets.Dataset, path: Path, num_images: int = 4, threshold: float = 0.5) -> Path:
     """Detections (score > ``threshold``) of ``model`` on the first ``num_images`` rows of ``dataset``."""
-    rows = [dataset[i] for i in range(min(num_images, len(dataset)))]
-    images = [Image.fromarray(pil_to_uint8_chw(r["image"]).permute(1, 2, 0).numpy()) for r in rows]
+    # the collator's decoding: an unreadable file must not crash the run after training
+    decoded = [DetrCollator.decode(dataset[i]) for i in range(min(num_images, len(dataset)))]
+    images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image, _ in decoded]
     model.eval()
     inputs = processor(images=images, return_tensors="pt", device=model.device)
     outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
     sizes = torch.tensor([[im.height, im.width] for im in images])
     detections = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes)
-    truth = [r["objects"]["bbox"] for r in rows]
+    truth = [objects_as_columns(objects)["bbox"] for _, objects in decoded]
     return draw_detections(images, detections, {int(k): v for k, v in model.config.id2label.items()}, path, truth)
 
 
@@ -801,6 +847,9 @@ class Job:
     last_eval: dict[str, float] | None = None
     last_eval_step: int = -1
     last_checkpoint: Path | None = None
+    started: float = field(default_factory=time.perf_counter)  # wall clock of this process's run, for the log
+    first_loss: float | None = None  # the first step's loss, the scale of check_loss_scale
+    loss_blowup_warned: bool = False
 
 
 def make_accelerator(args: Any) -> Any:
@@ -824,8 +873,9 @@ def setup(args: Any) -> Job:
 
     accelerator = make_accelerator(args)
     configure_logging(accelerator)
-    if args.num_threads and accelerator.device.type == "cpu":
-        torch.set_num_threads(args.num_threads)
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(resolve_num_threads(args.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        logger.info("torch CPU threads per process: %d (--num_threads %s)", torch.get_num_threads(), args.num_threads)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # seed + rank, like the original (DDP then broadcasts rank 0's initial weights to all)
@@ -858,6 +908,23 @@ def setup(args: Any) -> Job:
     return job
 
 
+def resolve_num_threads(setting: int | str, local_processes: int = 1) -> int:
+    """Torch CPU threads for each of this machine's ``local_processes`` training processes.
+
+    An integer is used as given (0: torch's default, every core). ``"auto"`` (the small presets) takes
+    the cores idle right now (0.3 s of CPU usage) shared among the processes, at least 1 and at most 4:
+    a demo step runs about 1.5x faster on both cores of an idle 2-core machine than on one, but several
+    times slower when another job keeps one of them busy (BENCHMARKS.md).
+    """
+    if setting != "auto":
+        return int(setting) or torch.get_num_threads()
+    import psutil  # accelerate's dependency
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    idle = cores * (1 - psutil.cpu_percent(interval=0.3) / 100)
+    return max(1, min(4, round(idle) // max(1, local_processes)))
+
+
 def configure_logging(accelerator: Any) -> None:
     """Our messages at INFO on the main process, warnings only elsewhere; libraries quiet.
 
@@ -878,7 +945,8 @@ def resume(job: Job) -> None:
     path = resolve_checkpoint(job.args.resume_from_checkpoint, job.output_dir)
     if path is None:
         return
-    job.accelerator.load_state(str(path))
+    load_checkpoint_state(job, path)
+    check_rng_state(path, job.accelerator.process_index)
     saved = TrainState.load(path)
     if (saved.num_processes, saved.total_batch_size) != (job.state.num_processes, job.state.total_batch_size):
         logger.warning("resuming a run of %d process(es), total batch %d, with %d, %d: the data order and "
@@ -890,6 +958,54 @@ def resume(job: Job) -> None:
     job.last_checkpoint = path
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, job.state.global_step, job.state.epoch,
                 job.state.batches_in_epoch)
+
+
+# Optimizer settings that come from this run's options; `load_state` would bring back the checkpoint's.
+OPTIMIZER_OPTIONS = {"initial_lr": "learning rate", "weight_decay": "weight decay"}
+
+
+def load_checkpoint_state(job: Job, path: Path) -> None:
+    """`accelerator.load_state` of ``path``, then this run's learning rates and weight decay (each change logged),
+    so that what training_args.json records is what is used. A checkpoint that does not load is one ValueError line."""
+    wanted = [{key: group[key] for key in OPTIMIZER_OPTIONS} for group in job.optimizer.param_groups]
+    try:
+        job.accelerator.load_state(str(path))
+    except (RuntimeError, ValueError, OSError, SafetensorError) as err:
+        raise ValueError(f"--resume_from_checkpoint {path}: {checkpoint_problem(err)}") from None
+    for group, settings in zip(job.optimizer.param_groups, wanted):
+        for key, value in settings.items():
+            if group[key] != value and job.accelerator.is_main_process:
+                logger.warning("resuming with the %s of group %s changed: %g in the checkpoint, %g from now on",
+                               OPTIMIZER_OPTIONS[key], group.get("name", "?"), group[key], value)
+            group[key] = value
+
+
+def checkpoint_problem(err: Exception) -> str:
+    """What is wrong with a checkpoint, in one line; torch's own message lists every mismatched tensor."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    mismatch = next((line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))),
+                    lines[0] if "parameter group" in lines[0] else None)
+    if mismatch is None:
+        return f"it cannot be loaded ({lines[0][:300]})"
+    return (f"it does not fit this model and optimizer ({mismatch[:300]}); resume with the options of the run that "
+            "wrote it (--model_config, --config_overrides, --backbone_learning_rate: see its training_args.json)")
+
+
+def check_rng_state(path: Path, process_index: int) -> None:
+    """Warn when this process's RNG state in ``path`` cannot be read: `load_state` then keeps the current RNG and
+    says so only at INFO (hidden), and dropout draws differ from an uninterrupted run."""
+    from accelerate.utils import RNG_STATE_NAME, load
+
+    file = path / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    try:
+        states = load(file)
+        problem = None if {"random_state", "numpy_random_seed", "torch_manual_seed"} <= set(states) else "keys missing"
+    except Exception as err:  # noqa: BLE001 - whatever stops accelerate from reading it makes the resume inexact
+        problem = f"{type(err).__name__}: {err}"
+    if problem:
+        logger.warning("the resume from %s is NOT exact: %s cannot be read (%s); the weights, optimizer, step and "
+                       "data order are restored, but random draws (dropout) differ from an uninterrupted run",
+                       path, file, problem)
 
 
 def epoch_loader(job: Job, epoch: int) -> Any:
@@ -928,28 +1044,69 @@ def train_step(job: Job, batch: Mapping[str, Any], stop: StopRequest) -> tuple[f
     acc, model = job.accelerator, job.model
     with acc.accumulate(model):
         model.train()
-        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
-        loss = outputs.loss
+        loss, loss_dict = forward_loss(job, batch)
         flags = torch.stack([loss.detach().float(), torch.tensor(float(stop.signum is not None), device=loss.device)])
         flags = acc.reduce(flags.clone(), reduction="sum")
         mean_loss = float(flags[0]) / acc.num_processes
         if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(non_finite_message(job, mean_loss, outputs.loss_dict))
+            raise NonFiniteLossError(non_finite_message(job, mean_loss, loss_dict))
+        check_loss_scale(job, mean_loss)
         acc.backward(loss)
         if acc.sync_gradients:
             if job.args.dump_first_step and job.state.global_step == 0:
-                dump_first_step(job, batch, mean_loss, outputs.loss_dict)
+                dump_first_step(job, batch, mean_loss, loss_dict)
             if job.args.max_grad_norm > 0:
                 acc.clip_grad_norm_(model.parameters(), job.args.max_grad_norm)
             set_learning_rates(job.optimizer, lr_factor(job.state.global_step, job.state.epoch, job.args.lr_drop_epochs,
                                                         job.args.warmup_steps))
         job.optimizer.step()
         job.optimizer.zero_grad(set_to_none=True)
-    return mean_loss, float(flags[1]) > 0, outputs.loss_dict
+    return mean_loss, float(flags[1]) > 0, loss_dict
+
+
+# What loss_detr_custom's Hungarian matcher raises (a ValueError, inside the forward, before any loss exists)
+# when the predictions are NaN or Inf: the same divergence as a non-finite loss.
+MATCHER_NON_FINITE = "the matching cost is not finite"
+
+
+def forward_loss(job: Job, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    """(scalar loss, loss terms) of the training forward. Predictions the matcher refuses as non-finite give a
+    NaN loss and no terms, so that this process still joins train_step's collective and every process stops
+    on the non-finite-loss path together."""
+    try:
+        outputs = job.model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+    except ValueError as err:
+        if MATCHER_NON_FINITE not in str(err):
+            raise
+        return torch.tensor(float("nan"), device=job.accelerator.device), {}
+    return outputs.loss, outputs.loss_dict
+
+
+LOSS_BLOWUP_FACTOR = 100.0
+
+
+def check_loss_scale(job: Job, loss: float) -> None:
+    """Warn (once) when the loss exceeds LOSS_BLOWUP_FACTOR x the first step's: finite, but diverging.
+
+    ``loss`` is the host value train_step already read for its non-finite check: no extra device sync.
+    """
+    if job.first_loss is None:
+        job.first_loss = loss
+        return
+    if job.loss_blowup_warned or not loss > LOSS_BLOWUP_FACTOR * job.first_loss > 0:
+        return
+    job.loss_blowup_warned = True
+    message = (f"loss {loss:.4g} at step {job.state.global_step + 1} is over {LOSS_BLOWUP_FACTOR:g}x the first step's "
+               f"loss ({job.first_loss:.4g}): training is diverging; the last good checkpoint is "
+               f"{job.last_checkpoint or 'none yet'}. Try a lower --learning_rate or --max_grad_norm 0.1")
+    if job.accelerator.is_main_process:
+        logger.warning("%s", message)
+    job.metrics.log({"event": "loss_blowup", "message": message}, job.state.global_step + 1)
 
 
 def non_finite_message(job: Job, loss: float, loss_dict: Mapping[str, Tensor]) -> str:
-    terms = {k: round(float(v.detach()), 5) for k, v in loss_dict.items() if not k[-1].isdigit()}
+    terms = ({k: round(float(v.detach()), 5) for k, v in loss_dict.items() if not k[-1].isdigit()} if loss_dict
+             else "none, its predictions are NaN or Inf (the Hungarian matcher refused them)")
     last = job.last_checkpoint or "none yet"
     return (f"non-finite loss ({loss}) at step {job.state.global_step + 1}, epoch {job.state.epoch}; loss terms of "
             f"this process: {terms}. Training stopped and this state was NOT saved; the last good checkpoint is "
@@ -997,7 +1154,8 @@ def maybe_evaluate(job: Job, final: bool = False) -> dict[str, float] | None:
                            job.label_to_category_id)
     job.last_eval, job.last_eval_step = result, job.state.global_step
     metrics = {f"eval_{k}": v for k, v in result.items()}
-    metrics.update({"epoch": job.state.epoch, "eval_runtime_s": time.perf_counter() - start})
+    metrics.update({"epoch": job.state.epoch, "eval_runtime_s": time.perf_counter() - start,
+                    "elapsed_s": time.perf_counter() - job.started})
     job.metrics.log(metrics, job.state.global_step)
     logger.info("step %d eval: AP %.3f AP50 %.3f AP75 %.3f (%d images)", job.state.global_step, result["AP"],
                 result["AP50"], result["AP75"], result["num_images"])
@@ -1027,9 +1185,9 @@ def train_loop(job: Job, stop: StopRequest) -> int | None:
                 if state.global_step % args.logging_steps == 0:
                     log_step(job, running, progress)
                 if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
-                    job.last_checkpoint = save_checkpoint(acc, job.output_dir, state, args.checkpoints_total_limit)
+                    save_job_checkpoint(job)
                 if stop_now:
-                    job.last_checkpoint = save_checkpoint(acc, job.output_dir, state, args.checkpoints_total_limit)
+                    save_job_checkpoint(job)
                     return stop.signum or signal.SIGTERM
                 if state.global_step >= job.max_steps:
                     break
@@ -1038,14 +1196,14 @@ def train_loop(job: Job, stop: StopRequest) -> int | None:
                 if finished % args.eval_every_epochs == 0 and state.global_step < job.max_steps:
                     maybe_evaluate(job)
                 if args.checkpointing_epochs and finished % args.checkpointing_epochs == 0:
-                    job.last_checkpoint = save_checkpoint(acc, job.output_dir, state, args.checkpoints_total_limit)
+                    save_job_checkpoint(job)
                 state.epoch, state.batches_in_epoch = finished, 0
     finally:
         progress.close()
     if running.steps:
         log_step(job, running, progress)
     # the final state, so `--resume_from_checkpoint latest --max_steps M` can continue it
-    job.last_checkpoint = save_checkpoint(acc, job.output_dir, state, args.checkpoints_total_limit)
+    save_job_checkpoint(job)
     return None
 
 
@@ -1069,8 +1227,50 @@ def save_final(job: Job, eval_result: dict[str, float] | None, runtime: float) -
         if job.eval_split is not None and job.args.picture_images > 0:
             eval_ds = without_image_decoding(job.data.dataset[job.eval_split])
             save_detection_picture(model, job.processor, eval_ds, job.output_dir / PICTURE_FILE, job.args.picture_images)
+        plot_training_curves(job.output_dir / METRICS_FILE, job.output_dir / CURVES_FILE,
+                             title=f"{job.output_dir.name} ({job.args.model_config})")
     acc.wait_for_everyone()
     return results
+
+
+# What a run leaves in its output_dir: a new run into a folder holding any of them would mix two runs (and reuse
+# the old checkpoints, or continue the old run on a later `--resume_from_checkpoint latest`).
+RUN_FILES = (CHECKPOINTS_DIR, ARGS_FILE, METRICS_FILE, RESULTS_FILE, "model.safetensors", PICTURE_FILE, CURVES_FILE,
+             "logs")
+
+
+def previous_run_files(args: Any) -> list[Path]:
+    """The files of an earlier run in ``--output_dir`` (created if needed) that this run will replace.
+
+    [] for a new or unrelated folder and when resuming from one of its own checkpoints. Raises ValueError, before
+    anything is written, when the folder holds an earlier run and ``--overwrite_output_dir`` is not given.
+    """
+    output_dir = make_output_folder(args.output_dir, "--output_dir")
+    found = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    if not found or resumes_own_checkpoint(args.resume_from_checkpoint, output_dir):
+        return []
+    if not getattr(args, "overwrite_output_dir", False):
+        raise ValueError(f"--output_dir {output_dir} holds a previous run ({', '.join(p.name for p in found)}); "
+                         "continue it with --resume_from_checkpoint latest, choose a new --output_dir, or pass "
+                         "--overwrite_output_dir to replace it (nothing was written)")
+    return found
+
+
+def resumes_own_checkpoint(resume: str | None, output_dir: Path) -> bool:
+    """True when ``--resume_from_checkpoint`` continues a run of ``output_dir``: latest, or one of its checkpoints."""
+    if resume == "latest":
+        return bool(list_checkpoints(output_dir))
+    return bool(resume) and Path(resume).resolve().parent == (output_dir / CHECKPOINTS_DIR).resolve()
+
+
+def delete_previous_run(job: Job, files: Sequence[Path]) -> None:
+    """``--overwrite_output_dir``: delete the earlier run's ``files`` before this run writes its own."""
+    if job.accelerator.is_main_process:
+        logger.warning("--overwrite_output_dir: deleting the previous run's %s in %s", [p.name for p in files],
+                       job.output_dir)
+        for path in files:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    job.accelerator.wait_for_everyone()
 
 
 def args_to_dict(args: Any) -> dict[str, Any]:
@@ -1084,8 +1284,11 @@ def run_training(args: Any) -> dict[str, Any]:
     after checkpointing when SIGTERM/SIGINT arrive.
     """
     args = resolve_defaults(args)
+    previous = previous_run_files(args)
     job = setup(args)
     acc = job.accelerator
+    if previous:
+        delete_previous_run(job, previous)
     if acc.is_main_process:
         (job.output_dir / ARGS_FILE).write_text(json.dumps(args_to_dict(args), indent=2, default=str))
         logger.info("%d process(es) on %s, mixed precision %s; %d steps (%d per epoch, %d epochs); total batch %d",
@@ -1136,7 +1339,7 @@ def evaluate_folder(args: Any) -> dict[str, Any]:
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
     configure_logging(accelerator)
-    model = AutoModelForObjectDetection.from_pretrained(args.model, trust_remote_code=True)
+    model = load_checked(AutoModelForObjectDetection, args.model, trust_remote_code=True)  # refuses incomplete/NaN
     try:
         processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=True)
     except (OSError, ValueError):

@@ -34,6 +34,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from .data import objects_as_columns
+from .image_processing_detr_custom import pil_to_rgb8
 
 Target = dict[str, Any]
 Transform = Callable[[Tensor, Target, "torch.Generator | None"], "tuple[Tensor, Target]"]
@@ -266,17 +267,20 @@ def scaled_train_transform_kwargs(short_side: int) -> dict[str, Any]:
 
 
 def pil_to_uint8_chw(image: Any) -> Tensor:
-    """PIL image (any mode) or ``{"path"|"bytes"}`` dict -> RGB uint8 tensor (3, H, W).
+    """PIL image (any mode; 16-bit and float ones scaled, see `pil_to_rgb8`) or ``{"path"|"bytes"}`` dict ->
+    RGB uint8 tensor (3, H, W).
 
     Dicts (``datasets.Image(decode=False)``) are opened WITHOUT applying EXIF rotation, like COCO.
     """
+    what = "the image"
     if isinstance(image, Mapping):
         import io
 
         from PIL import Image
 
+        what = image.get("path") or what
         image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
-    return TF.pil_to_tensor(image.convert("RGB"))
+    return TF.pil_to_tensor(pil_to_rgb8(image, what))
 
 
 def coco_objects_to_target(objects: Mapping[str, Sequence] | Sequence[Mapping], height: int, width: int, drop_crowd: bool = True) -> Target:

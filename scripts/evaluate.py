@@ -22,6 +22,7 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from modeling_detr_custom.checks import DEBUG_ENV, run_cli  # noqa: E402
 from modeling_detr_custom.training import SYNTHETIC_DEFAULTS, evaluate_folder  # noqa: E402
 
 
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"))
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--output_file", help="default: <model>/eval_results_<split>.json")
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the traceback of an error, not only its one-line message (or set {DEBUG_ENV}=1)")
     for key, value in SYNTHETIC_DEFAULTS.items():
         p.add_argument(f"--synthetic_{key}", type=int, help=f"synthetic dataset (no dataset argument): {key} (default {value})")
     args = p.parse_args(argv)
@@ -66,4 +69,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

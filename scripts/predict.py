@@ -4,7 +4,8 @@
     python scripts/predict.py --model outputs/detr-custom images/ photo.jpg --threshold 0.5 --output_dir predictions
 
 Writes <output_dir>/detections.json (every image's detections: label, score, box as absolute
-xmin/ymin/xmax/ymax pixels) and <output_dir>/<image stem>.png with the boxes, labels and scores drawn.
+xmin/ymin/xmax/ymax pixels) and <output_dir>/<image stem>.png with the boxes, labels and scores drawn
+(<stem>_1.png when that name is taken: an input, or any file an earlier run did not write, is never overwritten).
 --model is a local folder (saved by train.py or push_to_hub.py --local_dir) or a Hub repo id; the model is
 loaded with trust_remote_code=True. Images are processed in batches of --batch_size, on the GPU when one is
 present (--device auto).

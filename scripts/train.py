@@ -20,12 +20,15 @@ Options can also come from a YAML or JSON file (`--config file.yaml`, keys = opt
 command line wins over the file, the file over the preset defaults. Options left unset take the
 defaults of the `--model_config` preset (`demo` without a dataset argument, else `r50`).
 The training helpers live in modeling_detr_custom/training.py.
+
+A new run refuses an --output_dir that holds a previous run (resume it, or pass --overwrite_output_dir).
+Errors in the options, the data or a checkpoint are one line `error: ...` (exit status 1); --debug or
+DETR_CUSTOM_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from modeling_detr_custom.checks import DEBUG_ENV, read_json, run_cli  # noqa: E402
 from modeling_detr_custom.training import (  # noqa: E402
     MODEL_PRESETS,
     SYNTHETIC_DEFAULTS,
@@ -43,6 +47,16 @@ from modeling_detr_custom.training import (  # noqa: E402
 )
 
 PRESET_HELP = "default: from the --model_config preset"
+
+
+def threads_option(value: str) -> int | str:
+    """``--num_threads``: 'auto' or an integer."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer; got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = p.add_argument_group("training")
     train.add_argument("--output_dir", default="outputs/detr-custom")
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="start a new run in an --output_dir that holds a previous one, deleting that run's "
+                            "checkpoints and records (without it, such a folder is refused unless resuming)")
     train.add_argument("--per_device_train_batch_size", type=int, help=PRESET_HELP)
     train.add_argument("--per_device_eval_batch_size", type=int, help="default: the training batch size")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -100,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="default: from accelerate launch/config")
     train.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
     train.add_argument("--dataloader_num_workers", type=int, default=0)
-    train.add_argument("--num_threads", type=int,
-                       help=f"torch CPU threads of each process, 0: torch's default (all cores); {PRESET_HELP} (demo: 1)")
+    train.add_argument("--num_threads", type=threads_option,
+                       help="torch CPU threads of each process: N, 0 (torch's default: all cores) or 'auto' (the idle "
+                            f"cores, at most 4); {PRESET_HELP} (demo: auto)")
 
     run = p.add_argument_group("logging, evaluation, checkpoints")
     run.add_argument("--logging_steps", type=int, default=10)
@@ -114,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracker_project_name", default="detr_custom")
     run.add_argument("--picture_images", type=int, default=4, help="validation images in detections.png (0: none)")
     run.add_argument("--dump_first_step", help="debugging: save the first step's loss and gradients to this file")
+    run.add_argument("--debug", action="store_true",
+                     help=f"show the traceback of an error, not only its one-line message (or set {DEBUG_ENV}=1)")
     hub = p.add_argument_group("Hub (the same code path as scripts/push_to_hub.py)")
     hub.add_argument("--push_to_hub", action="store_true", help="upload the final model folder with a model card")
     hub.add_argument("--hub_model_id", help="repo id, e.g. you/detr-shapes (required with --push_to_hub)")
@@ -123,13 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_options_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Options from a YAML/JSON mapping; keys may use - or _; unknown keys are an error."""
-    text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        options = yaml.safe_load(text) or {}
+        try:
+            options = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     else:
-        options = json.loads(text)
+        options = read_json(path)
     if not isinstance(options, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values, got {type(options).__name__}")
     options = {str(k).replace("-", "_"): v for k, v in options.items()}
@@ -196,4 +218,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

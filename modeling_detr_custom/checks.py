@@ -1,0 +1,118 @@
+"""Checks shared by the tools (train, evaluate, predict, push_to_hub): input files, output folders, saved
+weights and model outputs, and the one-line error report of the scripts.
+
+Not remote code: nothing in the model, config, loss or processor files imports this module.
+
+Every check raises ValueError with one line naming the file or value and what was expected, so that
+`run_cli` can print it as ``error: ...`` (the traceback only with ``DETR_CUSTOM_DEBUG=1`` or ``--debug``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+
+logger = logging.getLogger(__name__)
+
+DEBUG_ENV = "DETR_CUSTOM_DEBUG"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def read_json(path: str | os.PathLike, data: bytes | str | None = None) -> Any:
+    """The parsed JSON of the file ``path`` (or of ``data``, its contents already read); ValueError naming the
+    file and the position of a syntax error."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes() if data is None else data)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a JSON text file: {err.reason} at byte {err.start}") from None
+
+
+def make_output_folder(path: str | os.PathLike, option: str) -> Path:
+    """Create the folder ``path`` (and its parents) for the option named ``option``; returns it.
+
+    Raises ValueError when ``path`` or one of its parents is a regular file, or the folder cannot be created.
+    """
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"{option} {path}: {blocker} is a file, not a folder; choose another {option}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{option} {path} cannot be created: {err.strerror or err}") from None
+    return path
+
+
+def _weights_name(source: str) -> str:
+    """The weights file of a local folder, else the source itself (a Hub repo id)."""
+    return str(Path(source) / WEIGHTS_FILE) if Path(source).is_dir() else source
+
+
+def load_checked(model_class: Any, source: str | os.PathLike, allow_missing: bool = False, **kwargs: Any) -> Any:
+    """``model_class.from_pretrained(source, **kwargs)``, refusing weights that would give a wrong model.
+
+    Raises ValueError naming the file when the weights file is corrupt or truncated, when parameters are
+    missing from it (they would be random; only logged with ``allow_missing``, for fine-tuning with new
+    layers) and when a weight is NaN or Inf (`check_finite_weights`).
+    """
+    source = str(source)
+    try:
+        model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    except SafetensorError as err:
+        raise ValueError(f"{_weights_name(source)} is corrupt or truncated ({err}); save or download it again") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        message = (f"{_weights_name(source)} is incomplete: {len(missing)} parameter(s) missing, e.g. {missing[:3]}; "
+                   "they would be randomly initialised")
+        if not allow_missing:
+            raise ValueError(f"{message}. Save the complete model again (model.save_pretrained)")
+        logger.warning("%s (new layers start from scratch)", message)
+    check_finite_weights(model, _weights_name(source))
+    return model
+
+
+def check_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """ValueError naming the first tensors of ``model`` (parameters and buffers) holding NaN or Inf."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{what}: {len(bad)} weight tensor(s) hold NaN or Inf, e.g. {bad[:3]}; such a model gives "
+                         "no meaningful detections (was it saved after the loss diverged?)")
+
+
+def check_finite_outputs(logits: torch.Tensor, pred_boxes: torch.Tensor, what: str) -> None:
+    """ValueError when ``logits`` (B, Q, C + 1) or ``pred_boxes`` (B, Q, 4) hold NaN or Inf (one host sync)."""
+    if not bool(torch.isfinite(logits).all() & torch.isfinite(pred_boxes).all()):
+        raise ValueError(f"{what}: the model's outputs hold NaN or Inf; its weights or the input images are broken "
+                         "(no detection or metric of these outputs would mean anything)")
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    """True with ``--debug`` on the command line or ``DETR_CUSTOM_DEBUG=1`` in the environment."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in (sys.argv[1:] if argv is None else argv)
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a script's ``main``: a ValueError (bad input or settings) is printed as one line ``error: ...``
+    with exit status 1; its traceback only when `debug_requested`."""
+    try:
+        main()
+    except ValueError as err:
+        if debug_requested():
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+__all__ = ["read_json", "make_output_folder", "load_checked", "check_finite_weights", "check_finite_outputs",
+           "debug_requested", "run_cli"]

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -149,27 +150,44 @@ def bench_step(name: str, config_kwargs: dict, size: int, batch: int, steps: int
             "images_per_s": round(batch / median, 2), "steps_timed": len(times), "parameters_M": round(params / 1e6, 2)}
 
 
+def run_steps(results: dict[str, Any], runs: list[tuple], thread_counts: list[int], device: str) -> None:
+    """Time each training-step config at each thread count into ``results["train_steps"]``."""
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for name, kwargs, size, batch, count in runs:
+            results["train_steps"].append({**bench_step(name, kwargs, size, batch, count, device), "threads": threads})
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer images and steps, R50 at 512 px")
     p.add_argument("--threads", default=None,
                    help="comma-separated torch thread counts for the training steps (default: 1 and all cores; on a busy "
                         "machine more threads can be much slower)")
+    p.add_argument("--models", default="tiny,demo,r50", help="comma-separated training-step configs to time")
+    p.add_argument("--no_data", action="store_true", help="skip the data-pipeline measurement")
+    p.add_argument("--background_load", type=int, default=0,
+                   help="busy-loop processes to run meanwhile: a busy machine (another job on a core)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", help="also write the JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    results: dict[str, Any] = {"data_pipeline_per_worker": bench_data(a.quick)}
+    results: dict[str, Any] = {} if a.no_data else {"data_pipeline_per_worker": bench_data(a.quick)}
     thread_counts = [int(t) for t in a.threads.split(",")] if a.threads else sorted({1, os.cpu_count() or 1})
     steps = 3 if a.quick else 10
     r50_size = 512 if a.quick else 800
     runs = [("tiny", MODEL_PRESETS["tiny"], 64, 2, steps * 3), ("demo", MODEL_PRESETS["demo"], 64, 8, steps * 3),
             ("r50", MODEL_PRESETS["r50"], r50_size, 2, max(2, steps // 3 if a.device == "cpu" else steps))]
+    runs = [run for run in runs if run[0] in a.models.split(",")]
     results["train_steps"] = []
-    for threads in thread_counts:
-        torch.set_num_threads(threads)
-        for name, kwargs, size, batch, count in runs:
-            results["train_steps"].append({**bench_step(name, kwargs, size, batch, count, a.device), "threads": threads})
+    # a pure-Python busy loop per process: one fully loaded core each, as another training job would be
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.background_load)]
+    try:
+        run_steps(results, runs, thread_counts, a.device)
+    finally:
+        for hog in hogs:
+            hog.kill()
+    results["background_load"] = a.background_load
     if a.device == "cuda":
         results["train_steps"].append(bench_step("r50", MODEL_PRESETS["r50"], 800, 2, steps, "cuda", torch.bfloat16))
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),

@@ -132,3 +132,28 @@ def test_save_load_round_trip_and_loading_across_group_counts(tmp_path):
 def test_invalid_group_count_is_a_clear_error(value):
     with pytest.raises(ValueError, match=f"num_query_groups must be a positive integer; got {value}"):
         tiny_config(num_query_groups=value)
+
+
+# ----------------------------------------------------------------------------- the demo's other options
+
+
+def test_ffn_init_xavier_is_the_default_and_pytorch_keeps_nn_linear_init():
+    fc2 = {init: group_model(1, **({} if init is None else {"ffn_init": init})).model.encoder.layers[0].mlp.fc2
+           for init in (None, "pytorch")}
+    pytorch_bound = 1 / 64 ** 0.5  # nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = ffn_dim 64
+    xavier_bound = (6 / (64 + 32)) ** 0.5  # twice as wide
+    assert pytorch_bound < fc2[None].weight.abs().max() <= xavier_bound
+    assert fc2["pytorch"].weight.abs().max() <= pytorch_bound
+    with pytest.raises(ValueError, match="ffn_init must be 'xavier' or 'pytorch'; got 'normal'"):
+        tiny_config(ffn_init="normal")
+
+
+def test_backbone_output_stride_sets_the_feature_map_resolution():
+    for stride, cells in ((None, 2), (16, 4), (8, 8)):
+        model = group_model(1, backbone_output_stride=stride).eval()
+        features, mask = model.model.backbone(torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+        assert features.shape[-2:] == mask.shape[-2:] == (cells, cells), stride
+    with pytest.raises(ValueError, match="backbone_output_stride must be None, 8, 16 or 32 .* got 12"):
+        tiny_config(backbone_output_stride=12)
+    with pytest.raises(ValueError, match="got 8 with dilation=True"):
+        tiny_config(backbone_output_stride=8, dilation=True)

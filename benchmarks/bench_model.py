@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (build_pair, configure_threads, environment, padded_batch,  # noqa: E402
-                    peak_rss_mib, photo_like, random_labels, summarise, synchronize, write_json)
+                    peak_rss_mib, photo_like, random_labels, time_wall_and_cpu, write_json)
 
 PATHS = ("forward", "pipeline", "train", "loss", "rss")
 FULL = {"sizes": [(800, 1066), (800, 1200)], "photo_batches": [[(640, 480), (1333, 800)], [(800, 1333), (1024, 768)]],
@@ -52,25 +52,8 @@ QUICK = {"sizes": [(320, 426), (320, 480)], "photo_batches": [[(640, 480), (1333
 
 
 def time_alternating(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: str) -> dict[str, dict]:
-    """Wall and process-CPU seconds per call; each repeat runs every function once, order reversed on odd repeats."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for repeat in range(repeats):
-        for name in names if repeat % 2 == 0 else names[::-1]:
-            synchronize(device)
-            start_cpu, start = time.process_time(), time.perf_counter()
-            fns[name]()
-            synchronize(device)
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    result: dict[str, Any] = {}
-    for name in names:
-        result[name] = {"wall": summarise(wall[name]), "cpu": summarise(cpu[name]),
-                        "wall_s": wall[name], "cpu_s": cpu[name]}
+    """`common.time_wall_and_cpu` of "ours" and "transformers", with the ratios ours / transformers."""
+    result: dict[str, Any] = time_wall_and_cpu(fns, warmup, repeats, device)
     result["ratio_ours_over_transformers"] = {
         kind: result["ours"][kind]["median_s"] / result["transformers"][kind]["median_s"] for kind in ("wall", "cpu")}
     # the fastest repeats are the least disturbed by other processes: a second, load-robust estimate

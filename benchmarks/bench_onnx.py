@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import configure_threads, environment, padded_batch, randomise_, summarise, write_json  # noqa: E402
+from common import (configure_threads, environment, padded_batch, randomise_,  # noqa: E402
+                    time_wall_and_cpu, write_json)
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection  # noqa: E402
 from modeling_detr_custom.export import export_detector  # noqa: E402
@@ -63,21 +64,8 @@ def onnx_session(path: Path, threads: int) -> Any:
 
 
 def time_alternating(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, Any]:
-    """Wall and process-CPU seconds per call; each repeat runs every function once, order reversed on odd repeats."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for repeat in range(repeats):
-        for name in names if repeat % 2 == 0 else names[::-1]:
-            start_cpu, start = time.process_time(), time.perf_counter()
-            fns[name]()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    result: dict[str, Any] = {name: {"wall": summarise(wall[name]), "cpu": summarise(cpu[name]),
-                                     "wall_s": wall[name], "cpu_s": cpu[name]} for name in names}
+    """`common.time_wall_and_cpu` of "onnxruntime" and "pytorch", with the ratios onnxruntime / pytorch."""
+    result: dict[str, Any] = time_wall_and_cpu(fns, warmup, repeats)
     result["ratio_onnxruntime_over_pytorch"] = {
         kind: result["onnxruntime"][kind]["median_s"] / result["pytorch"][kind]["median_s"] for kind in ("wall", "cpu")}
     return result

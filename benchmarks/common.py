@@ -114,6 +114,28 @@ def time_alternating(fns: dict[str, Callable[[], Any]], warmup: int, repeats: in
     return times
 
 
+def time_wall_and_cpu(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
+                      device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """Wall and process-CPU seconds per call of each function, summarised and raw; every repeat runs each once,
+    the order reversed on odd repeats."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            synchronize(device)
+            start_cpu, start = time.process_time(), time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: {"wall": summarise(wall[name]), "cpu": summarise(cpu[name]), "wall_s": wall[name], "cpu_s": cpu[name]}
+            for name in names}
+
+
 def summarise(samples: list[float]) -> dict[str, float]:
     """Median, quartiles (IQR), min, max of seconds."""
     q1, _, q3 = np.percentile(samples, [25, 50, 75])

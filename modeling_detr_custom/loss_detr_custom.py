@@ -262,8 +262,7 @@ class SetCriterion(torch.nn.Module):
             return self._set_loss(logits, pred_boxes, labels)
         # groups as extra "layers": (L, B, G * Q, X) -> (L * G, B, Q, X), layer-major
         as_layers = [x.unflatten(2, (num_groups, -1)).transpose(1, 2).flatten(0, 1) for x in (logits, pred_boxes)]
-        loss, loss_dict = self._set_loss(*as_layers, labels, num_groups)
-        return loss, loss_dict
+        return self._set_loss(*as_layers, labels, num_groups)
 
     def _set_loss(self, logits: Tensor, pred_boxes: Tensor, labels: list[dict],
                   num_groups: int = 1) -> tuple[Tensor, dict]:
@@ -300,8 +299,7 @@ class SetCriterion(torch.nn.Module):
         counts = torch.tensor([len(q) for q, _ in pairs])
         offsets = torch.tensor([0] + [len(t["boxes"]) for t in labels[:-1]]).cumsum(0)
         layer_idx = torch.arange(num_layers).repeat_interleave(counts.view(num_layers, batch).sum(1))
-        image_of_pair = torch.arange(batch).repeat(num_layers)
-        batch_idx = image_of_pair.repeat_interleave(counts)
+        batch_idx = torch.arange(batch).repeat(num_layers).repeat_interleave(counts)
         query_idx = torch.cat([q for q, _ in pairs])
         target_idx = torch.cat([t for _, t in pairs]) + offsets[batch_idx]
         packed = torch.stack([layer_idx, batch_idx, query_idx, target_idx])

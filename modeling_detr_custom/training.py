@@ -700,6 +700,9 @@ def evaluate_coco(model: torch.nn.Module, dataloader: Iterable, processor: DetrC
 # ----------------------------------------------------------------------------- picture
 
 
+LEGEND_HEIGHT = 18  # pixels under the tiles for draw_legend
+
+
 def draw_detections(images: Sequence[Image.Image], detections: Sequence[Mapping[str, Any]],
                     id2label: Mapping[int, str], path: str | os.PathLike,
                     ground_truth: Sequence[Sequence[Sequence[float]]] | None = None, min_side: int = 256) -> Path:
@@ -729,9 +732,6 @@ def draw_detections(images: Sequence[Image.Image], detections: Sequence[Mapping[
     draw_legend(ImageDraw.Draw(canvas), height, with_truth=bool(ground_truth))
     canvas.save(path)
     return Path(path)
-
-
-LEGEND_HEIGHT = 18
 
 
 def draw_legend(draw: ImageDraw.ImageDraw, top: int, with_truth: bool) -> None:

@@ -37,8 +37,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (build_pair, configure_threads, environment, padded_batch,  # noqa: E402
-                    peak_rss_mib, photo_like, random_labels, time_wall_and_cpu, write_json)
+from common import (  # noqa: E402
+    build_pair,
+    configure_threads,
+    environment,
+    padded_batch,
+    peak_rss_mib,
+    photo_like,
+    random_labels,
+    time_wall_and_cpu,
+    write_json,
+)
 
 PATHS = ("forward", "pipeline", "train", "loss", "rss")
 FULL = {"sizes": [(800, 1066), (800, 1200)], "photo_batches": [[(640, 480), (1333, 800)], [(800, 1333), (1024, 768)]],

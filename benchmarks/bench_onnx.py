@@ -31,8 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (configure_threads, environment, padded_batch, randomise_,  # noqa: E402
-                    time_wall_and_cpu, write_json)
+from common import configure_threads, environment, padded_batch, randomise_, time_wall_and_cpu, write_json  # noqa: E402
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection  # noqa: E402
 from modeling_detr_custom.export import export_detector  # noqa: E402

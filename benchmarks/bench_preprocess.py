@@ -20,14 +20,14 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 import transformers
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor  # noqa: E402

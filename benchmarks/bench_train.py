@@ -26,8 +26,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,9 +37,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection  # noqa: E402
+from modeling_detr_custom.data import DetrCollator, make_train_transforms  # noqa: E402
 from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor  # noqa: E402
-from modeling_detr_custom.training import MODEL_PRESETS, DetrCollator, make_optimizer  # noqa: E402
-from modeling_detr_custom.transforms import make_train_transforms  # noqa: E402
+from modeling_detr_custom.training import MODEL_PRESETS, make_optimizer  # noqa: E402
 
 COCO_SIZES = [(640, 480), (640, 427), (480, 640), (640, 426), (500, 375), (640, 512), (427, 640), (612, 612)]
 

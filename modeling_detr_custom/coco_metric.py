@@ -1,4 +1,4 @@
-"""COCO box AP with pycocotools, as a self-contained ``evaluate`` metric module.
+"""COCO box AP with pycocotools or faster-coco-eval, as a self-contained ``evaluate`` metric module.
 
 Not remote code, and deliberately free of imports from this package so that
 ``evaluate.load("path/to/coco_metric.py")`` (which copies this ONE file into its modules cache)
@@ -22,6 +22,10 @@ gaps, are dropped, as pycocotools would ignore them anyway).
 Evaluated images: the union of prediction and reference image ids. Duplicates (the padding
 that distributed gathering adds) are removed first: the first entry per image id is kept.
 
+Engine (``backend``): ``"faster"`` is faster-coco-eval's ``COCOeval_faster`` (a maintained C++ drop-in for
+pycocotools' COCOeval: the same AP, several times faster on large sets), ``"pycocotools"`` the reference
+``COCOeval``, ``"auto"`` (default) the first if it is installed, else the second.
+
 Output: ``AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl`` as fractions in [0, 1]
 exactly as pycocotools' ``COCOeval.stats`` (``-1.0`` where no ground truth of that area range
 exists), plus ``num_images``.
@@ -33,14 +37,16 @@ import contextlib
 import copy
 import io
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import datasets
 import evaluate
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+BACKENDS: tuple[str, ...] = ("auto", "faster", "pycocotools")
 STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 _DESCRIPTION = "COCO bounding-box AP/AR (pycocotools COCOeval, iouType='bbox', maxDets 1/10/100)."
@@ -167,12 +173,48 @@ def _load_detections(gt: COCO, dets: list[dict]) -> COCO:
     return _coco_from_dict({"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]), "annotations": []})
 
 
-def run_coco_eval(gt: COCO, dets: list[dict], image_ids: Sequence[int]) -> dict[str, float]:
-    """COCOeval bbox on ``image_ids``; returns STAT_NAMES -> float (pycocotools' stats)."""
+def resolve_backend(backend: str = "auto") -> str:
+    """``"faster"`` or ``"pycocotools"``: the engine ``backend`` (one of BACKENDS) asks for."""
+    if backend not in BACKENDS:
+        raise ValueError(f"COCO evaluation backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "pycocotools":
+        return backend
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        if backend == "faster":
+            raise ValueError("the 'faster' COCO evaluation backend needs faster-coco-eval "
+                             "(pip install faster-coco-eval); use 'pycocotools' or 'auto'") from None
+        return "pycocotools"
+    return "faster"
+
+
+def _evaluator(gt: COCO, dets: list[dict], backend: str) -> Any:
+    """A bbox COCOeval of ``backend`` over ``gt`` and ``dets`` (pycocotools results: bbox xywh, category_id)."""
+    if backend == "pycocotools":
+        return COCOeval(gt, _load_detections(gt, dets), iouType="bbox")
+    from faster_coco_eval import COCO as FasterCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    fast_gt = FasterCOCO()
+    fast_gt.dataset = gt.dataset
+    _quiet(fast_gt.createIndex)
+    if dets:
+        fast_dt = _quiet(fast_gt.loadRes, copy.deepcopy(dets))  # loadRes adds fields to the dicts
+    else:
+        fast_dt = FasterCOCO()
+        fast_dt.dataset = {"images": list(gt.dataset["images"]), "categories": gt.dataset["categories"],
+                           "annotations": []}
+        _quiet(fast_dt.createIndex)
+    return COCOeval_faster(fast_gt, fast_dt, iouType="bbox", print_function=lambda *args: None)
+
+
+def run_coco_eval(gt: COCO, dets: list[dict], image_ids: Sequence[int], backend: str = "auto") -> dict[str, float]:
+    """COCOeval bbox on ``image_ids``; returns STAT_NAMES -> float (COCOeval's stats)."""
     unknown = sorted(set(image_ids) - set(gt.getImgIds()))
     if unknown:
         raise ValueError(f"{len(unknown)} evaluated image ids are not in the ground truth, e.g. {unknown[:5]}")
-    evaluator = COCOeval(gt, _load_detections(gt, dets), iouType="bbox")
+    evaluator = _evaluator(gt, dets, resolve_backend(backend))
     evaluator.params.imgIds = sorted(image_ids)
     _quiet(evaluator.evaluate)
     _quiet(evaluator.accumulate)
@@ -185,8 +227,9 @@ def coco_box_ap(
     references: Sequence[Any] | None = None,
     coco_gt: COCO | str | Path | Mapping | None = None,
     label_to_category_id: Mapping[int, int] | None = None,
+    backend: str = "auto",
 ) -> dict[str, float]:
-    """COCO box AP of ``predictions`` (see the module docstring for every format).
+    """COCO box AP of ``predictions`` (see the module docstring for every format and the ``backend``).
 
     Ground truth: ``coco_gt`` if given (``references`` may then be image ids or omitted),
     otherwise the per-image GT dicts in ``references``.
@@ -202,7 +245,7 @@ def coco_box_ap(
     else:
         raise ValueError("give the ground truth: per-image reference dicts, or coco_gt (COCO object / json path)")
     image_ids = sorted({image_id_of(p) for p in predictions} | {image_id_of(r) for r in references})
-    stats = run_coco_eval(gt, detections_from_predictions(predictions, label_to_category_id), image_ids)
+    stats = run_coco_eval(gt, detections_from_predictions(predictions, label_to_category_id), image_ids, backend)
     return {**stats, "num_images": len(image_ids)}
 
 
@@ -230,5 +273,6 @@ class CocoDetectionMetric(evaluate.Metric):
         references: list[Any],
         coco_gt: COCO | str | Path | Mapping | None = None,
         label_to_category_id: Mapping[int, int] | None = None,
+        backend: str = "auto",
     ) -> dict[str, float]:
-        return coco_box_ap(predictions, references, coco_gt, label_to_category_id)
+        return coco_box_ap(predictions, references, coco_gt, label_to_category_id, backend)

@@ -63,6 +63,11 @@ class DetrCustomConfig(PreTrainedConfig):
             model learns faster with it (README).
         id2label / label2id: class names; the class head has `num_labels + 1` outputs, the last
             being "no object". Defaults to COCO's 91 raw ids.
+        label_to_category_id: model label id -> the training dataset's category id (COCO json
+            `category_id`), recorded by training so that evaluation maps predictions back; None: the
+            label ids are the category ids (the original DETR's raw COCO ids).
+        contiguous_labels: whether training used labels 0..K-1 (sorted category ids) instead of the raw
+            category ids; evaluation of a saved model reads it to load its dataset the same way.
 
     As transformers' `DetrConfig`: `is_encoder_decoder` is True, and the generic names `hidden_size`,
     `num_attention_heads` and `num_hidden_layers` read and write `d_model`, `encoder_attention_heads` and
@@ -109,6 +114,8 @@ class DetrCustomConfig(PreTrainedConfig):
         init_xavier_std: float = 1.0,
         ffn_init: str = "xavier",
         num_channels: int = 3,
+        label_to_category_id: dict[int, int] | None = None,
+        contiguous_labels: bool = False,
         **kwargs,
     ):
         if "id2label" not in kwargs and "num_labels" not in kwargs:
@@ -145,6 +152,10 @@ class DetrCustomConfig(PreTrainedConfig):
         self.init_xavier_std = init_xavier_std
         self.ffn_init = ffn_init
         self.num_channels = num_channels
+        # JSON turns the int keys into strings: back to ints, the form every reader expects
+        self.label_to_category_id = (None if label_to_category_id is None else
+                                     {int(k): int(v) for k, v in label_to_category_id.items()})
+        self.contiguous_labels = bool(contiguous_labels)
         super().__init__(**kwargs)
         if "label2id" not in kwargs:
             self.label2id = {name: idx for idx, name in self.id2label.items()}

@@ -183,7 +183,7 @@ def _exif_orientation(image: Any) -> int:
     return (image.getexif().get(EXIF_ORIENTATION_TAG) or 1) if _is_pil(image) else 1
 
 
-def _pil_to_rgb(image: "PIL.Image.Image", index: int = 0) -> "PIL.Image.Image":
+def _pil_to_rgb(image: PIL.Image.Image, index: int = 0) -> PIL.Image.Image:
     """Apply EXIF orientation and convert to 8-bit RGB. Copies only when something has to change (big images)."""
     if _exif_orientation(image) != 1:
         image = PIL.ImageOps.exif_transpose(image)
@@ -196,7 +196,7 @@ HIGH_BIT_DEPTH_FULL_SCALE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0
                              "I": 65535.0, "F": 1.0}
 
 
-def pil_to_rgb8(image: "PIL.Image.Image", what: str = "the image") -> "PIL.Image.Image":
+def pil_to_rgb8(image: PIL.Image.Image, what: str = "the image") -> PIL.Image.Image:
     """Any PIL image -> 8-bit RGB (no EXIF handling); the one conversion of the processor, training and predict.
 
     High bit-depth grayscale (`HIGH_BIT_DEPTH_FULL_SCALE`) is scaled to 0-255 by its full-scale value instead of

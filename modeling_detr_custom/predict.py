@@ -1,4 +1,5 @@
-"""Run a saved detr-custom detector on image files: detections as JSON, and each image with its boxes drawn.
+"""Run a saved detr-custom detector on image files: detections as JSON, and each image with its boxes drawn
+(`drawing.draw_detections`: a colour per label, a "label score" tag per box).
 
 Not remote code: nothing in the model, config or processor files imports this module.
 
@@ -9,23 +10,22 @@ the image as displayed (after its EXIF orientation is applied), as the pipeline 
 
 from __future__ import annotations
 
-import colorsys
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 import PIL.ImageOps
 import torch
-from PIL import ImageDraw, ImageFont
 
 from .checks import check_finite_outputs, load_checked, make_output_folder, read_json
+from .drawing import draw_detections
 from .image_processing_detr_custom import pil_to_rgb8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-RESULTS_FILE = "detections.json"
+REPORT_FILE = "detections.json"
 BOX_FORMAT = "xyxy: absolute (xmin, ymin, xmax, ymax) pixels of the image after its EXIF orientation"
 
 
@@ -150,56 +150,13 @@ def detect(model: Any, processor: Any, images: Sequence[PIL.Image.Image], thresh
 # ----------------------------------------------------------------------------- drawing
 
 
-def label_colour(label_id: int) -> tuple[int, int, int]:
-    """A saturated colour per label id; golden-ratio hue steps keep consecutive ids far apart."""
-    hue = (label_id * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.9, 0.95)
-    return round(r * 255), round(g * 255), round(b * 255)
-
-
-def _text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Black on light, white on dark backgrounds (relative luminance)."""
-    r, g, b = background
-    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable with FreeType (Pillow >= 10.1)
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def line_width(image_size: tuple[int, int]) -> int:
-    """Box outline width: 2 px for small images, growing with the image so boxes stay visible."""
-    return max(2, round(min(image_size) / 160))
-
-
-def draw_detections(image: PIL.Image.Image, detections: Sequence[dict[str, Any]]) -> PIL.Image.Image:
-    """A copy of ``image`` with each detection's box (xyxy pixels) outlined in its label's colour and
-    "label score" written on a filled tag of that colour above the box (inside it at the top edge)."""
-    canvas = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(canvas)
-    width = line_width(canvas.size)
-    font = _font(max(11, round(min(canvas.size) / 30)))
-    ordered = sorted(detections, key=lambda d: d["score"])  # the best box is drawn last, on top
-    boxes = [[round(d["box"][k]) for k in ("xmin", "ymin", "xmax", "ymax")] for d in ordered]
-    for det, box in zip(ordered, boxes):
-        draw.rectangle(box, outline=label_colour(det["label_id"]), width=width)
-    for det, box in zip(ordered, boxes):  # tags after all boxes, so no outline crosses a text
-        _draw_tag(draw, canvas.size, box, f"{det['label']} {det['score']:.2f}", label_colour(det["label_id"]), font)
-    return canvas
-
-
-def _draw_tag(draw: ImageDraw.ImageDraw, size: tuple[int, int], box: list[int], text: str,
-              colour: tuple[int, int, int], font: ImageFont.ImageFont) -> None:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    pad = 2
-    tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
-    x = min(max(box[0], 0), max(size[0] - tag_w, 0))
-    y = box[1] - tag_h if box[1] - tag_h >= 0 else box[1]  # above the box when it fits
-    draw.rectangle([x, y, x + tag_w - 1, y + tag_h - 1], fill=colour)
-    draw.text((x + pad - left, y + pad - top), text, fill=_text_colour(colour), font=font)
+def draw_report_detections(image: PIL.Image.Image, detections: Sequence[dict[str, Any]],
+                           id2label: Mapping[int, str]) -> PIL.Image.Image:
+    """`drawing.draw_detections` of one image's entries of the report (`detect`'s format), as the report
+    has them: the rounded scores and boxes the JSON holds are the ones drawn."""
+    columns = {"boxes": [[d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] for d in detections],
+               "scores": [d["score"] for d in detections], "labels": [d["label_id"] for d in detections]}
+    return draw_detections(image, columns, id2label)
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -252,14 +209,14 @@ def _previous_outputs(out: Path) -> set[str]:
     """Names of the files an earlier run wrote into ``out`` (its detections.json and drawn images): the only
     existing files a new run may replace. Raises ValueError when ``out`` holds a detections.json that is not
     such a report."""
-    report_path = out / RESULTS_FILE
+    report_path = out / REPORT_FILE
     if not report_path.is_file():
         return set()
     report = read_json(report_path)
     if not (isinstance(report, dict) and "box_format" in report and isinstance(report.get("images"), list)):
         raise ValueError(f"{report_path} exists and is not a report of predict.py; choose another output_dir "
                          "(it is never overwritten)")
-    return {RESULTS_FILE, *(str(i.get("output_image")) for i in report["images"] if isinstance(i, dict))}
+    return {REPORT_FILE, *(str(i.get("output_image")) for i in report["images"] if isinstance(i, dict))}
 
 
 def _taken_names(out: Path, files: Sequence[Path]) -> set[str]:
@@ -272,10 +229,24 @@ def _taken_names(out: Path, files: Sequence[Path]) -> set[str]:
 def _output_name(path: Path, used: set[str]) -> str:
     """``<stem>.png``, with a counter when two inputs share a stem or the name is taken (``used``)."""
     name, k = f"{path.stem}.png", 1
-    while name in used or name == RESULTS_FILE:
+    while name in used or name == REPORT_FILE:
         name, k = f"{path.stem}_{k}.png", k + 1
     used.add(name)
     return name
+
+
+def _readable_sizes(files: Sequence[Path], skipped: list[dict[str, str]],
+                    log: Any) -> tuple[list[Path], list[tuple[int, int]]]:
+    """(the files PIL recognises as images, their displayed sizes); the others are added to ``skipped``."""
+    readable, sizes = [], []
+    for path in files:
+        try:
+            sizes.append(displayed_size(path))
+            readable.append(path)
+        except ValueError as err:
+            skipped.append({"path": str(path), "reason": str(err)})
+            log(f"skipped {path}: {err}")
+    return readable, sizes
 
 
 def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathLike], threshold: float = 0.5,
@@ -303,26 +274,19 @@ def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathL
                               "box_format": BOX_FORMAT, "images": [], "skipped": skipped}
     for item in skipped:
         log(f"skipped {item['path']}: {item['reason']}")
-    readable, sizes = [], []
-    for path in files:
-        try:
-            sizes.append(displayed_size(path))
-            readable.append(path)
-        except ValueError as err:
-            skipped.append({"path": str(path), "reason": str(err)})
-            log(f"skipped {path}: {err}")
+    readable, sizes = _readable_sizes(files, skipped, log)
     names = [_output_name(path, used) for path in readable]  # from the inputs' order, whatever the batching
     entries: dict[int, dict[str, Any]] = {}
     for batch in same_size_batches(sizes, batch_size):
         done = _run_batch(model, processor, [readable[i] for i in batch], batch, threshold, torch_device, skipped, log)
         for index, (entry, image, detections) in done.items():  # drawn now: decoded images are not kept
-            draw_detections(image, detections).save(out / names[index])
+            draw_report_detections(image, detections, model.config.id2label).save(out / names[index])
             entries[index] = {**entry, "output_image": names[index], "detections": detections}
             log(f"{entry['path']}: {len(detections)} detection(s) -> {out / names[index]}")
     report["images"] = [entries[i] for i in sorted(entries)]
-    (out / RESULTS_FILE).write_text(json.dumps(report, indent=2))
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
 
 
 __all__ = ["ModelLoadError", "collect_images", "open_image", "resolve_device", "load_detector", "detect",
-           "label_colour", "line_width", "draw_detections", "predict_images"]
+           "draw_report_detections", "predict_images"]

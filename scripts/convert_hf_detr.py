@@ -7,16 +7,14 @@ The output loads with AutoModelForObjectDetection.from_pretrained(OUT, trust_rem
 Nothing is written unless the converted model matches transformers' DETR on a random batch.
 """
 
+from __future__ import annotations
+
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from modeling_detr_custom.conversion import convert_hf_folder, convert_original_checkpoint  # noqa: E402
+from modeling_detr_custom.conversion import convert_hf_folder, convert_original_checkpoint
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf_model", help="transformers DetrForObjectDetection folder (v5 or v4 keys)")
@@ -29,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.hf_model:
         convert_hf_folder(args.hf_model, args.output_dir, args.atol)

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from modeling_detr_custom.export import DEFAULT_OPSET, OnnxExportError, export_onnx, sidecar_path  # noqa: E402
-from modeling_detr_custom.predict import ModelLoadError  # noqa: E402
+from modeling_detr_custom.export import DEFAULT_OPSET, OnnxExportError, export_onnx, sidecar_path
+from modeling_detr_custom.predict import ModelLoadError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,12 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from modeling_detr_custom.predict import ModelLoadError, predict_images  # noqa: E402
+from modeling_detr_custom.predict import REPORT_FILE, ModelLoadError, predict_images
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; exits with status 2 (argparse) for a bad one."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder or Hub repo id")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
@@ -33,16 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="predictions", help="where the JSON and the drawn images go")
     p.add_argument("--batch_size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
-    return p
+    args = p.parse_args(argv)
+    if not 0.0 <= args.threshold < 1.0:
+        p.error(f"--threshold {args.threshold} must be in [0, 1)")
+    if args.batch_size < 1:
+        p.error(f"--batch_size {args.batch_size} must be >= 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not 0.0 <= args.threshold < 1.0:
-        parser.error(f"--threshold {args.threshold} must be in [0, 1)")
-    if args.batch_size < 1:
-        parser.error(f"--batch_size {args.batch_size} must be >= 1")
+    args = parse_args(argv)
     log = lambda message: print(message, file=sys.stderr if message.startswith("skipped") else sys.stdout)  # noqa: E731
     try:
         report = predict_images(args.model, args.inputs, threshold=args.threshold, output_dir=args.output_dir,
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    results = Path(args.output_dir) / "detections.json"
+    results = Path(args.output_dir) / REPORT_FILE
     if not report["images"]:
         print(f"error: none of the {len(report['skipped'])} input(s) is a readable image; see {results}",
               file=sys.stderr)

@@ -6,7 +6,7 @@
 
 The folder holds model.safetensors, config.json (auto_map for AutoConfig, AutoModel,
 AutoModelForObjectDetection), preprocessor_config.json (auto_map for AutoImageProcessor), the remote-code
-files and README.md rendered from model_card.md. Before any upload it is loaded in a fresh offline process
+files and README.md rendered from the package's hub/model_card.md. Before any upload it is loaded in a fresh offline process
 with trust_remote_code=True and must give the source model's outputs.
 
 --local_dir alone builds and checks the folder there and stops (no network, no token); add --upload to push
@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from modeling_detr_custom.hub import DEFAULT_LICENSE, HubError, check_repo_id, push_model_folder  # noqa: E402
+from modeling_detr_custom.hub import DEFAULT_LICENSE, HubError, check_repo_id, push_model_folder
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; exits with status 2 (argparse) for a bad one, an invalid repo id included."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", required=True, help="folder saved by train.py (model + image processor)")
     p.add_argument("--repo_id", required=True, help="Hub model repo: name or namespace/name")
@@ -39,16 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--license", default=DEFAULT_LICENSE,
                    help=f"Hub license id for the card (default {DEFAULT_LICENSE})")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = p.parse_args(argv)
     try:
         check_repo_id(args.repo_id)
     except ValueError as err:
-        parser.error(str(err))
+        p.error(str(err))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     upload = args.local_dir is None or args.upload
     try:
         folder = push_model_folder(args.model_dir, args.repo_id, local_dir=args.local_dir, private=args.private,

@@ -184,3 +184,28 @@ def test_evaluate_load_works_offline(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert _stats(result) == pytest.approx(_pycocotools_direct(gt, preds), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_faster_coco_eval_and_pycocotools_give_the_same_metrics(seed: int) -> None:
+    """Crowd regions, images without annotations and images without detections, on both engines (issue 14)."""
+    gt = _ground_truth(seed=seed, num_images=40)
+    preds = _noisy(gt, seed=seed + 10)
+    for pred in preds[::4]:  # every fourth image: no detections at all
+        pred.update(boxes=[], scores=[], labels=[])
+    assert any(a["iscrowd"] for a in gt["annotations"])
+    assert {img["id"] for img in gt["images"]} - {a["image_id"] for a in gt["annotations"]}, "some images have no GT"
+    faster = coco_box_ap(preds, _references(gt), backend="faster")
+    reference = coco_box_ap(preds, _references(gt), backend="pycocotools")
+    assert _stats(faster) == pytest.approx(_stats(reference), abs=1e-6)
+    assert _stats(reference) == pytest.approx(_pycocotools_direct(gt, preds), abs=1e-12)
+    assert 0.05 < reference["AP"] < 0.95, "a score that the engines could disagree on"
+
+
+def test_both_engines_agree_with_no_detections_and_refuse_an_unknown_backend() -> None:
+    gt = _ground_truth(seed=7, num_images=6)
+    empty = [{"image_id": img["id"], "boxes": [], "scores": [], "labels": []} for img in gt["images"]]
+    faster, reference = (_stats(coco_box_ap(empty, _references(gt), backend=b)) for b in ("faster", "pycocotools"))
+    assert faster == reference and set(reference) <= {0.0, -1.0} and 0.0 in reference
+    with pytest.raises(ValueError, match=r"one of \('auto', 'faster', 'pycocotools'\); got 'fast'"):
+        coco_box_ap(empty, _references(gt), backend="fast")

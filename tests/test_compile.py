@@ -14,8 +14,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import padded_batch, tiny_config
+
 from modeling_detr_custom import DetrCustomForObjectDetection
 from modeling_detr_custom.modeling_detr_custom import FoldedBatchNormConv2d, PassThroughBatchNorm2d
 

@@ -21,6 +21,7 @@ import logging
 
 import pytest
 import torch
+from conftest import padded_batch, random_labels, tiny_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.layers.norm_act import FrozenBatchNorm2d
@@ -28,11 +29,18 @@ from torch import nn
 from transformers import AttentionInterface, DetrConfig, ImagesKwargs, pipeline
 from transformers.models.detr.modeling_detr import DetrModelOutput, DetrObjectDetectionOutput
 
-from conftest import padded_batch, random_labels, tiny_config
-from modeling_detr_custom import (DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor,
-                                  DetrCustomModel)
-from modeling_detr_custom.modeling_detr_custom import (DetrCustomModelOutput, DetrCustomObjectDetectionOutput,
-                                                       class_weights, eager_attention_forward)
+from modeling_detr_custom import (
+    DetrCustomConfig,
+    DetrCustomForObjectDetection,
+    DetrCustomImageProcessor,
+    DetrCustomModel,
+)
+from modeling_detr_custom.modeling_detr_custom import (
+    DetrCustomModelOutput,
+    DetrCustomObjectDetectionOutput,
+    class_weights,
+    eager_attention_forward,
+)
 
 MODEL_CLASSES = (DetrCustomModel, DetrCustomForObjectDetection)
 

@@ -16,14 +16,13 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 import torch
+from conftest import ROOT, tiny_config
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from PIL import Image
 from transformers import pipeline
 
-from conftest import ROOT, tiny_config
-from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor
-from modeling_detr_custom import export
+from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomImageProcessor, export
 from modeling_detr_custom.export import ATOL, DetectionGraph, OnnxExportError, export_detector, export_onnx
 
 PHOTO = ROOT / "tests" / "data" / "grace_hopper.jpg"

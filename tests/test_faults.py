@@ -19,21 +19,9 @@ import numpy as np
 import PIL.ImageOps
 import pytest
 import torch
+from conftest import ROOT, padded_batch, tiny_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
-
-from conftest import ROOT, padded_batch, tiny_config
-from modeling_detr_custom import hub
-from modeling_detr_custom.data import load_coco_folder_with_info, metric_references
-from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
-from modeling_detr_custom.modeling_detr_custom import DetrCustomForObjectDetection
-from modeling_detr_custom.training import (
-    NonFiniteLossError,
-    evaluate_coco,
-    list_checkpoints,
-    make_eval_dataloader,
-    without_image_decoding,
-)
 from test_training import (  # noqa: F401 - fresh_accelerate_state is an autouse fixture
     EVALUATE,
     TRAIN,
@@ -45,6 +33,17 @@ from test_training import (  # noqa: F401 - fresh_accelerate_state is an autouse
     read_jsonl,
     tiny_run_args,
     write_coco,
+)
+
+from modeling_detr_custom import hub
+from modeling_detr_custom.data import load_coco_folder_with_info, metric_references, without_image_decoding
+from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
+from modeling_detr_custom.modeling_detr_custom import DetrCustomForObjectDetection
+from modeling_detr_custom.training import (
+    NonFiniteLossError,
+    evaluate_coco,
+    list_checkpoints,
+    make_eval_dataloader,
 )
 
 _spec = importlib.util.spec_from_file_location("script_predict_faults", ROOT / "scripts" / "predict.py")
@@ -163,9 +162,9 @@ def high_bit_depth_images() -> dict[str, Image.Image]:
 
 
 def test_16_bit_images_are_scaled_to_8_bits_in_processor_training_predict_and_the_data_check(tmp_path: Path) -> None:
+    from modeling_detr_custom.data import pil_to_uint8_chw
     from modeling_detr_custom.image_processing_detr_custom import pil_to_rgb8
     from modeling_detr_custom.predict import open_image
-    from modeling_detr_custom.transforms import pil_to_uint8_chw
 
     expected = np.repeat(EIGHT_BIT[..., None], 3, axis=-1)
     for mode, image in high_bit_depth_images().items():

@@ -7,8 +7,8 @@ matched on its own and the loss is the mean of the groups' set losses.
 
 import pytest
 import torch
-
 from conftest import padded_batch, random_labels, tiny_config
+
 from modeling_detr_custom import DetrCustomForObjectDetection
 
 K, Q = 3, 12

@@ -17,11 +17,12 @@ import httpx2
 import pytest
 import torch
 import yaml
+from conftest import ROOT, tiny_config
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, tiny_config
 from modeling_detr_custom import hub
 from modeling_detr_custom.hub import HubError, UploadError, VerificationError
+from modeling_detr_custom.hub import folder as hub_folder  # where build_model_folder looks its helpers up
 from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
 from modeling_detr_custom.modeling_detr_custom import DetrCustomForObjectDetection
 
@@ -201,7 +202,7 @@ def _outputs_in_this_process(folder: Path) -> dict:
 
 def test_verification_catches_a_folder_that_differs_from_the_model(built: Path, model_dir: Path, tmp_path: Path,
                                                                    monkeypatch) -> None:
-    monkeypatch.setattr(hub, "_run_fresh", lambda folder, *args: _outputs_in_this_process(folder))
+    monkeypatch.setattr(hub_folder, "_run_fresh", lambda folder, *args: _outputs_in_this_process(folder))
     model, processor = hub.load_source(model_dir)
     hub.verify_folder(built, model, processor)  # the comparison accepts the true folder...
     tampered = tmp_path / "tampered"
@@ -246,7 +247,7 @@ def test_failed_upload_exits_non_zero_naming_the_cause_and_keeps_the_folder(mode
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hub, "verify_folder", lambda *a, **k: None)  # the fresh-process check runs in `built`
+    monkeypatch.setattr(hub_folder, "verify_folder", lambda *a, **k: None)  # the fresh-process check runs in `built`
     out = tmp_path / "upload"
     code = PUSH.main(["--model_dir", str(model_dir), "--repo_id", REPO_ID, "--local_dir", str(out), "--upload"])
     err = capsys.readouterr().err
@@ -287,7 +288,7 @@ def fake_hub(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setattr(hub, "verify_folder", lambda *a, **k: None)
+    monkeypatch.setattr(hub_folder, "verify_folder", lambda *a, **k: None)
     FakeApi.calls, FakeApi.fail = [], None
     return FakeApi
 
@@ -308,7 +309,7 @@ def test_verification_failure_means_no_upload(fake_hub, model_dir: Path, tmp_pat
     def differs(*args, **kwargs):
         raise VerificationError("logits differ")
 
-    monkeypatch.setattr(hub, "verify_folder", differs)
+    monkeypatch.setattr(hub_folder, "verify_folder", differs)
     with pytest.raises(VerificationError):
         hub.push_model_folder(model_dir, REPO_ID, local_dir=tmp_path / "out")
     assert fake_hub.calls == [] and (tmp_path / "out" / "model.safetensors").is_file()

@@ -33,7 +33,6 @@ from modeling_detr_custom.image_processing_detr_custom import (
     get_size_with_aspect_ratio,
 )
 
-
 TOL_TORCHVISION = 1e-5
 TOL_ONE_LEVEL = 0.02
 SMALL = {"shortest_edge": 100, "longest_edge": 160}

@@ -3,9 +3,9 @@
 import pytest
 import timm
 import torch
+from conftest import padded_batch, random_labels, tiny_config
 from torch import nn
 
-from conftest import padded_batch, random_labels, tiny_config
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomModel
 from modeling_detr_custom.loss_detr_custom import HungarianMatcher, global_num_boxes
 from modeling_detr_custom.modeling_detr_custom import DetrCustomSinePositionEmbedding
@@ -111,6 +111,7 @@ def _num_boxes_worker(rank, world_size, port, results):
 
 def test_num_boxes_is_averaged_over_processes_once():
     import socket
+
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -215,7 +216,7 @@ def test_pretrained_backbone_loads_from_a_local_file(tmp_path, config):
 ])
 def test_bad_targets_name_the_image_and_value(model, boxes, classes, message):
     pixel_values, pixel_mask = padded_batch()
-    labels = random_labels([2, 0]) 
+    labels = random_labels([2, 0])
     labels[1] = {"class_labels": torch.tensor(classes), "boxes": torch.tensor(boxes)}
     with pytest.raises(ValueError, match=message):
         model(pixel_values, pixel_mask, labels=labels)

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, padded_batch, random_labels
 from transformers import AutoModelForObjectDetection, DetrConfig, DetrForObjectDetection
 from transformers.loss.loss_for_object_detection import ForObjectDetectionLoss, HungarianMatcher
 
-from conftest import ROOT, padded_batch, random_labels
 from modeling_detr_custom.conversion import COCO_NAMES, V4_TO_V5, rename
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -3,10 +3,10 @@ equal to processor -> model -> post-processing by hand, on a real photograph and
 
 import pytest
 import torch
+from conftest import ROOT, tiny_config
 from PIL import Image
 from transformers import pipeline
 
-from conftest import ROOT, tiny_config
 from modeling_detr_custom import DetrCustomForObjectDetection, DetrCustomImageProcessor
 
 PHOTO = ROOT / "tests" / "data" / "grace_hopper.jpg"

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, tiny_config
 from PIL import Image
 
-from conftest import ROOT, tiny_config
+from modeling_detr_custom.data.synthetic import generate_image
+from modeling_detr_custom.drawing import label_colour
 from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
 from modeling_detr_custom.modeling_detr_custom import DetrCustomForObjectDetection
-from modeling_detr_custom.predict import draw_detections, label_colour, line_width
-from modeling_detr_custom.synthetic import generate_image
 
 _spec = importlib.util.spec_from_file_location("script_predict", ROOT / "scripts" / "predict.py")
 PREDICT = importlib.util.module_from_spec(_spec)
@@ -118,33 +118,6 @@ def test_batches_give_the_pipelines_detections(random_model: Path, image_dir: Pa
         for want, got in zip(expected, entry["detections"]):
             assert abs(want["score"] - got["score"]) < 1e-4
             assert max(abs(want["box"][k] - got["box"][k]) for k in want["box"]) <= 1  # the pipeline truncates to int
-
-
-def test_draw_detections_outlines_each_box_in_its_label_colour_with_a_filled_tag() -> None:
-    image = Image.new("RGB", (200, 150), (128, 128, 128))
-    detections = [
-        {"label": "circle", "label_id": 0, "score": 0.9, "box": {"xmin": 20, "ymin": 40, "xmax": 90, "ymax": 120}},
-        {"label": "square", "label_id": 1, "score": 0.8, "box": {"xmin": 110, "ymin": 5, "xmax": 190, "ymax": 60}}]
-    pixels = np.asarray(draw_detections(image, detections))
-    width = line_width(image.size)
-    for det in detections:
-        colour = label_colour(det["label_id"])
-        x0, y0, x1, y1 = (det["box"][k] for k in ("xmin", "ymin", "xmax", "ymax"))
-        for offset in range(width):  # the outline is `width` px thick, inside the box
-            assert _edge_fraction(pixels, colour, x0 + offset, slice(y0, y1 + 1)) == 1.0
-            assert _edge_fraction(pixels, colour, x1 - offset, slice(y0, y1 + 1)) == 1.0
-            assert _edge_fraction(pixels, colour, slice(x0, x1 + 1), y1 - offset) == 1.0
-        inside = pixels[y0 + 30:y1 - width, x0 + width:x1 - width + 1]  # below where a tag can be
-        assert np.all(inside == 128)
-    # the first box's tag sits just above it: a filled block of its colour with text in black or white
-    tag = pixels[40 - 12:40, 20:60]
-    share = np.all(tag == label_colour(0), axis=-1).mean()
-    text = ((tag.min(axis=-1) > 200) | (tag.max(axis=-1) < 60)).mean()  # anti-aliased white or black strokes
-    assert share > 0.4 and text > 0.02, (share, text)
-    # the second box touches the top edge: its tag goes inside the box instead of off the image
-    assert np.all(pixels[5:18, 110:150] == label_colour(1), axis=-1).mean() > 0.4
-    colours = {label_colour(i) for i in range(12)}
-    assert len(colours) == 12  # a distinct colour per label
 
 
 def test_missing_model_folder_is_a_clear_error(image_dir: Path, tmp_path: Path, capsys) -> None:

@@ -21,9 +21,9 @@ from modeling_detr_custom.data import (
     load_coco_folder,
     load_coco_folder_with_info,
     load_detection_dataset,
+    make_synthetic_coco,
     metric_references,
 )
-from modeling_detr_custom.synthetic import make_synthetic_coco
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,8 +90,8 @@ def test_synthetic_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_make_synthetic_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    argv = ["make_synthetic_coco.py", "--out-dir", str(tmp_path / "s"), "--num-train", "2", "--num-val", "1",
-            "--image-size", "48", "--num-classes", "4", "--seed", "3"]
+    argv = ["make_synthetic_coco.py", "--output_dir", str(tmp_path / "s"), "--num_train", "2", "--num_val", "1",
+            "--image_size", "48", "--num_classes", "4", "--seed", "3"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(REPO / "scripts" / "make_synthetic_coco.py"), run_name="__main__")
     coco = json.loads((tmp_path / "s/annotations/instances_train.json").read_text())

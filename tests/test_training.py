@@ -21,18 +21,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from safetensors.torch import load_file
 
 from modeling_detr_custom.coco_metric import coco_box_ap
-from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
-from modeling_detr_custom.modeling_detr_custom import DetrCustomForObjectDetection
-from modeling_detr_custom.synthetic import make_synthetic_coco
-from modeling_detr_custom.training import (
+from modeling_detr_custom.data import (
     DetrCollator,
     EpochShuffleSampler,
+    load_coco_folder_with_info,
+    make_synthetic_coco,
+    make_train_transforms,
+    metric_references,
+    scaled_train_transform_kwargs,
+    without_image_decoding,
+)
+from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
+from modeling_detr_custom.modeling_detr_custom import DetrCustomForObjectDetection
+from modeling_detr_custom.training import (
     NonFiniteLossError,
     apply_config_overrides,
     evaluate_coco,
@@ -43,16 +51,11 @@ from modeling_detr_custom.training import (
     param_groups,
     resolve_checkpoint,
     rotate_checkpoints,
-    without_image_decoding,
 )
-from modeling_detr_custom.data import load_coco_folder_with_info, metric_references
-from modeling_detr_custom.transforms import make_train_transforms, scaled_train_transform_kwargs
-
-from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = runpy.run_path(str(REPO / "scripts" / "train.py"), run_name="train_script")
-EVALUATE = runpy.run_path(str(REPO / "scripts" / "evaluate.py"), run_name="evaluate_script")
+EVALUATE = runpy.run_path(str(REPO / "scripts" / "evaluate_model.py"), run_name="evaluate_script")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -345,9 +348,9 @@ def test_train_end_to_end_writes_a_loadable_folder(tmp_path: Path, cache_dir: Pa
     assert read_json(out / "preprocessor_config.json")["auto_map"]["AutoImageProcessor"].endswith("DetrCustomImageProcessor")
     for name in ("modeling_detr_custom.py", "configuration_detr_custom.py", "loss_detr_custom.py", "image_processing_detr_custom.py"):
         assert (out / name).is_file()
-    assert not (out / "training.py").exists(), "training helpers are not remote code"
+    assert not (out / "training").exists() and not (out / "loop.py").exists(), "training is not remote code"
     assert list((out / "logs").rglob("events.out.tfevents.*")), "--report_to tensorboard logs"
-    # scripts/evaluate.py on the same data gives the training's final evaluation
+    # scripts/evaluate_model.py on the same data gives the training's final evaluation
     metrics_file = tmp_path / "eval.json"
     evaluated = EVALUATE["main"](["--model", str(out), "--cache_dir", str(cache_dir), "--synthetic_num_train", "8",
                                   "--synthetic_num_val", "3", "--synthetic_image_size", "64", "--output_file", str(metrics_file)])

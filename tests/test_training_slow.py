@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_detr_custom.synthetic import make_synthetic_coco
+from modeling_detr_custom.data import make_synthetic_coco
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

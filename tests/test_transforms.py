@@ -6,21 +6,19 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
-from modeling_detr_custom.image_processing_detr_custom import get_size_with_aspect_ratio as processor_size
-from modeling_detr_custom.transforms import (
+from modeling_detr_custom.data import DetrCollator, coco_objects_to_target, target_to_coco_annotation
+from modeling_detr_custom.data.transforms import (
     DEFAULT_SCALES,
-    DetectionCollator,
     RandomSizeCrop,
     crop,
-    get_size_with_aspect_ratio,
     hflip,
-    make_collate_fn,
     make_eval_transforms,
     make_train_transforms,
     resize,
     scaled_train_transform_kwargs,
 )
+from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
+from modeling_detr_custom.image_processing_detr_custom import get_size_with_aspect_ratio as processor_size
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 
@@ -31,7 +29,7 @@ def _scene(h: int = 90, w: int = 120) -> tuple[torch.Tensor, dict]:
     boxes = torch.tensor([[10.0, 20.0, 50.0, 60.0], [70.0, 5.0, 110.0, 35.0]])  # x0, y0, x1, y1 (x1/y1 exclusive)
     for (x0, y0, x1, y1), colour in zip(boxes.int().tolist(), (RED, GREEN)):
         image[:, y0:y1, x0:x1] = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
-    target = {"boxes": boxes, "labels": torch.tensor([1, 2]), "area": torch.tensor([1600.0, 1200.0]),
+    target = {"boxes": boxes, "class_labels": torch.tensor([1, 2]), "area": torch.tensor([1600.0, 1200.0]),
               "iscrowd": torch.tensor([0, 0]), "note": "passed through"}
     return image, target
 
@@ -47,7 +45,7 @@ def _colour_box(image: torch.Tensor, colour: tuple[int, int, int]) -> list[float
 
 
 def _assert_boxes_follow_pixels(image: torch.Tensor, target: dict, tol: float = 1.5) -> None:
-    labels = target["labels"].tolist()
+    labels = target["class_labels"].tolist()
     for label, colour in ((1, RED), (2, GREEN)):
         seen = _colour_box(image, colour)
         if label not in labels:
@@ -78,7 +76,7 @@ def test_crop_boxes_follow_pixels_and_empty_boxes_dropped() -> None:
     image, target = crop(*_scene(), top=30, left=0, height=60, width=60)  # cuts red, misses green
     assert image.shape == (3, 60, 60)
     assert target["boxes"].tolist() == [[10.0, 0.0, 50.0, 30.0]]
-    assert target["labels"].tolist() == [1] and target["iscrowd"].tolist() == [0]
+    assert target["class_labels"].tolist() == [1] and target["iscrowd"].tolist() == [0]
     assert target["area"].tolist() == [40.0 * 30.0], "area becomes the clipped box area, as in the original"
     _assert_boxes_follow_pixels(image, target, tol=0)
     image, target = crop(*_scene(), top=70, left=60, height=20, width=60)  # contains no box
@@ -93,7 +91,7 @@ def test_train_transforms_boxes_follow_pixels_over_many_draws() -> None:
         _assert_boxes_follow_pixels(image, target)
         short, long = sorted(image.shape[-2:])
         assert long <= 120 and (short in (48, 64, 80) or long >= 116), "short side a scale unless the long side limits"
-        outcomes.add(len(target["labels"]))
+        outcomes.add(len(target["class_labels"]))
     assert outcomes >= {1, 2}, "the crop branch must sometimes drop a box"
 
 
@@ -114,17 +112,19 @@ def test_random_size_crop_limits() -> None:
     assert small.shape[1:] == (90, 120), "min size lowered to the image side for small images"
 
 
-def test_size_rule_matches_original() -> None:
-    """Values of facebookresearch/detr's get_size_with_aspect_ratio (rounded short side first)."""
-    assert get_size_with_aspect_ratio(480, 640, 800, 1333) == (800, 1066)
-    assert get_size_with_aspect_ratio(640, 480, 800, 1333) == (1066, 800)
-    assert get_size_with_aspect_ratio(500, 3000, 800, 1333) == (222, 1332)
-    assert get_size_with_aspect_ratio(100, 1000, 800, 1333) == (133, 1330)
-    assert get_size_with_aspect_ratio(800, 1000, 800, 1333) == (800, 1000)
-    # where the long-side limit does not bind, the processor's (eval) rule is the same
-    for h, w in [(480, 640), (640, 480), (333, 500), (128, 128), (97, 203)]:
-        for size in (96, 480, 800):
-            assert get_size_with_aspect_ratio(h, w, size, 10_000) == processor_size((h, w), size, 10_000)
+def test_resize_uses_the_processors_size_rule() -> None:
+    """Training and evaluation share one size rule: the processor's (transformers' arithmetic).
+
+    Where the long-side limit binds it can differ from facebookresearch/detr's by one pixel on the long side:
+    (500, 3000) -> (222, 1333) here, (222, 1332) there; (100, 1000) -> (133, 1333), not (133, 1330).
+    """
+    expected = {(480, 640): (800, 1066), (640, 480): (1066, 800), (500, 3000): (222, 1333), (100, 1000): (133, 1333),
+                (800, 1000): (800, 1000)}
+    assert {hw: processor_size(hw, 800, 1333) for hw in expected} == expected
+    for h, w in [(48, 64), (64, 48), (50, 300), (10, 100), (97, 203), (40, 40)]:
+        for size, max_size in [(80, 133), (32, 1333), (45, None)]:
+            image, _ = resize(torch.zeros(3, h, w, dtype=torch.uint8), {}, size, max_size)
+            assert tuple(image.shape[-2:]) == processor_size((h, w), size, max_size), (h, w, size, max_size)
 
 
 def test_default_and_scaled_settings() -> None:
@@ -134,6 +134,22 @@ def test_default_and_scaled_settings() -> None:
     image, target = _scene()
     out_image, out_target = make_eval_transforms()(image, target)
     assert out_image is image and out_target is target
+
+
+# ----------------------------------------------------------------------------- row -> target -> processor
+
+
+def test_row_target_and_processor_annotation_share_one_box_rule() -> None:
+    """Crowd and empty boxes dropped, the rest clipped to the image; class id ``category`` -> ``class_labels``
+    -> the processor's ``category_id``; boxes xywh -> xyxy -> xywh unchanged when not clipped."""
+    objects = {"bbox": [[8.0, 4.0, 40.0, 20.0], [0.0, 0.0, 10.0, 10.0], [70.0, 30.0, 20.0, 20.0], [5.0, 5.0, 0.0, 3.0]],
+               "category": [3, 1, 7, 2], "iscrowd": [0, 1, 0, 0]}
+    target = coco_objects_to_target(objects, height=40, width=80)
+    assert target["boxes"].tolist() == [[8.0, 4.0, 48.0, 24.0], [70.0, 30.0, 80.0, 40.0]]
+    assert target["class_labels"].tolist() == [3, 7] and target["area"].tolist() == [800.0, 100.0]
+    annotation = target_to_coco_annotation(9, target)
+    assert [a["bbox"] for a in annotation["annotations"]] == [[8.0, 4.0, 40.0, 20.0], [70.0, 30.0, 10.0, 10.0]]
+    assert [a["category_id"] for a in annotation["annotations"]] == [3, 7] and annotation["image_id"] == 9
 
 
 # ----------------------------------------------------------------------------- collator
@@ -157,7 +173,7 @@ def _rows() -> list[dict]:
 
 def test_eval_collate_shapes_mask_and_normalised_boxes() -> None:
     proc = DetrCustomImageProcessor(size={"shortest_edge": 40, "longest_edge": 200})
-    batch = make_collate_fn(proc, train=False)(_rows())
+    batch = DetrCollator(proc)(_rows())
     sizes = [(40, 80), (80, 40), (40, 40)]  # resized (h, w): short side 40
     assert batch["pixel_values"].shape == (3, 3, 80, 80) and batch["pixel_mask"].shape == (3, 80, 80)
     for mask, (h, w), labels in zip(batch["pixel_mask"], sizes, batch["labels"]):
@@ -175,15 +191,14 @@ def test_eval_collate_shapes_mask_and_normalised_boxes() -> None:
 def test_train_collate_normalises_by_unpadded_size() -> None:
     proc = DetrCustomImageProcessor()
     t = make_train_transforms(**scaled_train_transform_kwargs(60))
-    collate = DetectionCollator(proc, t, generator=torch.Generator().manual_seed(0))
-    batch = collate(_rows())
+    batch = DetrCollator(proc, t, seed=0)(_rows())
     assert batch["pixel_values"].dtype == torch.float32
     for mask, labels in zip(batch["pixel_mask"], batch["labels"]):
         h, w = labels["size"].tolist()
         assert mask.sum() == h * w and mask[:h, :w].all(), "mask marks exactly the unpadded image"
         assert labels["boxes"].numel() == 0 or (labels["boxes"].min() >= 0 and labels["boxes"].max() <= 1)
-    again = DetectionCollator(proc, t, generator=torch.Generator().manual_seed(0))(_rows())
-    assert torch.equal(batch["pixel_values"], again["pixel_values"]), "deterministic under a seeded generator"
+    again = DetrCollator(proc, t, seed=0)(_rows())
+    assert torch.equal(batch["pixel_values"], again["pixel_values"]), "deterministic for a seed"
 
 
 def test_train_collate_boxes_follow_pixels_through_processor() -> None:
@@ -194,7 +209,7 @@ def test_train_collate_boxes_follow_pixels_through_processor() -> None:
     image.paste(RED, (20, 10, 50, 40))  # pixels x 20..49, y 10..39 -> COCO [20, 10, 30, 30]
     row = {"image_id": 5, "image": image, "objects": {"bbox": [[20.0, 10.0, 30.0, 30.0]], "category": [1], "area": [900.0]}}
     for seed in range(10):
-        batch = DetectionCollator(proc, t, generator=torch.Generator().manual_seed(seed))([row])
+        batch = DetrCollator(proc, t, seed=seed)([row])
         labels = batch["labels"][0]
         if len(labels["boxes"]) == 0:
             continue
@@ -209,8 +224,8 @@ def test_collate_accepts_objects_as_list_of_dicts() -> None:
     proc = DetrCustomImageProcessor(size={"shortest_edge": 40, "longest_edge": 200})
     as_columns = _rows()[:2]
     as_rows = [{**r, "objects": [dict(zip(r["objects"], vals)) for vals in zip(*r["objects"].values())]} for r in as_columns]
-    a, b = make_collate_fn(proc, train=False)(as_columns), make_collate_fn(proc, train=False)(as_rows)
+    a, b = DetrCollator(proc)(as_columns), DetrCollator(proc)(as_rows)
     for la, lb in zip(a["labels"], b["labels"]):
         assert torch.equal(la["boxes"], lb["boxes"]) and torch.equal(la["class_labels"], lb["class_labels"])
-    empty = make_collate_fn(proc, train=False)([{**_rows()[2], "objects": []}])
+    empty = DetrCollator(proc)([{**_rows()[2], "objects": []}])
     assert empty["labels"][0]["boxes"].shape == (0, 4)

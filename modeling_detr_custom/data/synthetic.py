@@ -11,6 +11,10 @@ The output is a real COCO folder that pycocotools, torchvision's ``CocoDetection
       annotations/instances_train.json
       annotations/instances_val.json
 
+or, with ``format="yolo"``, the same images and boxes as an ultralytics YOLO folder
+(:mod:`.yolo`): ``data.yaml``, ``images/<split>/``, ``labels/<split>/<stem>.txt``, classes ``0..K-1`` in
+sorted category-id order (the labels of ``load_coco_folder(..., contiguous_labels=True)``).
+
 Annotations follow COCO exactly: ``bbox`` is ``[x, y, w, h]`` in absolute pixels (top-left
 corner plus size, so a box covering pixel columns 3..7 has ``x=3, w=5``), ``area`` is the
 number of shape pixels (COCO's ``area`` is the mask area, not ``w*h``), ``iscrowd`` is 0,
@@ -18,17 +22,26 @@ and category ids start at 1. Shapes never overlap, so every box is tight around 
 
 Everything is deterministic given ``seed``: image ``i`` of a split depends only on
 ``(seed, split, i)``, so changing the number of images does not change the others.
+:func:`synthetic_coco_dir` generates the built-in training dataset once into a cache folder.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .yolo import write_data_yaml, yolo_label_line
+
+logger = logging.getLogger(__name__)
 
 SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "bar")
 SPLITS: tuple[str, ...] = ("train", "val")
@@ -152,18 +165,26 @@ def _split_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
-def _write_split(
+def _draw_split(
     out_dir: Path, split: str, num_images: int, category_ids: Sequence[int], seed: int, draw_kwargs: dict
-) -> Path:
-    """Write ``images/<split>/*.png`` and ``annotations/instances_<split>.json``; return the json path."""
+) -> Iterator[tuple[int, str, Image.Image, list[ShapeSpec]]]:
+    """(image id, file name, image, shapes) of each image of the split, saved as ``images/<split>/<file name>``."""
     image_dir = out_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
     for i in range(num_images):
         image_id = _SPLIT_ID_OFFSET[split] + i + 1
         img, specs = generate_image(_split_rng(seed, split, i), category_ids=category_ids, **draw_kwargs)
         file_name = f"{image_id:06d}.png"
         img.save(image_dir / file_name)
+        yield image_id, file_name, img, specs
+
+
+def _write_split(
+    out_dir: Path, split: str, num_images: int, category_ids: Sequence[int], seed: int, draw_kwargs: dict
+) -> Path:
+    """Write ``images/<split>/*.png`` and ``annotations/instances_<split>.json``; return the json path."""
+    images, annotations = [], []
+    for image_id, file_name, img, specs in _draw_split(out_dir, split, num_images, category_ids, seed, draw_kwargs):
         images.append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})
         for spec in specs:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": spec.category_id,
@@ -186,6 +207,19 @@ def _write_json(out_dir: Path, split: str, images: list, annotations: list, cate
     return path
 
 
+def _write_yolo_split(
+    out_dir: Path, split: str, num_images: int, category_ids: Sequence[int], seed: int, draw_kwargs: dict
+) -> Path:
+    """Write ``images/<split>/*.png`` and ``labels/<split>/*.txt`` (YOLO lines); return the label folder."""
+    label_dir = out_dir / "labels" / split
+    label_dir.mkdir(parents=True, exist_ok=True)
+    labels = {c: label for label, c in enumerate(sorted(category_ids))}
+    for _, file_name, img, specs in _draw_split(out_dir, split, num_images, category_ids, seed, draw_kwargs):
+        lines = [yolo_label_line(labels[s.category_id], s.bbox, img.width, img.height) + "\n" for s in specs]
+        (label_dir / f"{Path(file_name).stem}.txt").write_text("".join(lines))
+    return label_dir
+
+
 def make_synthetic_coco(
     out_dir: str | Path,
     num_train: int = 64,
@@ -197,15 +231,20 @@ def make_synthetic_coco(
     seed: int = 0,
     noise_std: float = 8.0,
     category_ids: Sequence[int] | None = None,
+    format: Literal["coco", "yolo"] = "coco",
 ) -> dict[str, Path]:
-    """Write a synthetic COCO folder to ``out_dir``; return ``{"train": json_path, "val": json_path}``.
+    """Write a synthetic COCO (or YOLO) folder to ``out_dir``; return ``{"train": path, "val": path}``.
 
     Args:
         num_classes: 1-4 shape classes, in the order circle, square, triangle, bar.
         category_ids: COCO ids of those classes (default ``1..num_classes``); pass ids with
             gaps, e.g. ``(1, 3, 7)``, to mimic COCO's non-contiguous ids.
         noise_std: std of the Gaussian noise added to the background of half the images.
+        format: ``"coco"`` (the paths returned are the annotation files) or ``"yolo"`` (the same
+            images and boxes; the paths are the label folders, beside ``out_dir/data.yaml``).
     """
+    if format not in ("coco", "yolo"):
+        raise ValueError(f"format must be 'coco' or 'yolo', got {format!r}")
     if not 1 <= num_classes <= len(SHAPE_NAMES):
         raise ValueError(f"num_classes must be in 1..{len(SHAPE_NAMES)}, got {num_classes}")
     if not 1 <= min_shapes <= max_shapes:
@@ -217,4 +256,46 @@ def make_synthetic_coco(
         raise ValueError(f"category_ids must be {num_classes} distinct ids >= 1, got {ids}")
     draw = dict(image_size=image_size, min_shapes=min_shapes, max_shapes=max_shapes, noise_std=noise_std)
     counts = {"train": num_train, "val": num_val}
-    return {split: _write_split(Path(out_dir), split, counts[split], ids, seed, draw) for split in SPLITS}
+    write = _write_split if format == "coco" else _write_yolo_split
+    paths = {split: write(Path(out_dir), split, counts[split], ids, seed, draw) for split in SPLITS}
+    if format == "yolo":
+        write_data_yaml(out_dir, [SHAPE_NAMES[ids.index(c)] for c in sorted(ids)], SPLITS)
+    return paths
+
+
+# ----------------------------------------------------------------------------- the cached default dataset
+
+# The built-in dataset when no dataset argument is given (scripts/make_synthetic_coco.py writes the same).
+SYNTHETIC_DEFAULTS: dict[str, Any] = dict(num_train=2048, num_val=128, image_size=64, num_classes=3,
+                                          min_shapes=1, max_shapes=3, seed=0)
+_SYNTHETIC_VERSION = 1  # part of the cache folder name: bump when the same spec draws other images
+
+
+def default_cache_dir() -> Path:
+    """``$DETR_CUSTOM_CACHE`` or ``~/.cache/detr_custom``."""
+    return Path(os.environ.get("DETR_CUSTOM_CACHE", Path.home() / ".cache" / "detr_custom"))
+
+
+def synthetic_coco_dir(cache_dir: str | os.PathLike | None, spec: Mapping[str, Any] | None = None) -> Path:
+    """Generate the synthetic shapes COCO folder once and return it (cached by its parameters).
+
+    Written to a temporary folder and renamed, so an interrupted generation is never reused.
+    Call under ``accelerator.main_process_first()`` with several processes.
+    """
+    spec = {**SYNTHETIC_DEFAULTS, **(spec or {})}
+    name = ("v{}-train{num_train}-val{num_val}-px{image_size}-cls{num_classes}"
+            "-shapes{min_shapes}to{max_shapes}-seed{seed}")
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    out = root / "synthetic_coco" / name.format(_SYNTHETIC_VERSION, **spec)
+    if (out / "annotations" / "instances_val.json").is_file():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("generating the synthetic shapes dataset in %s", out)
+    make_synthetic_coco(tmp, **spec)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process won the race: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,269 @@
+"""What a run is built from, each made from the (resolved, frozen) options: data, loaders, model, optimizer, schedule.
+
+Box formats: dataset rows hold absolute COCO ``[x, y, w, h]`` pixels; model targets are normalised ``(cx, cy, w, h)``
+relative to each image's UNPADDED size (the collator's job, `data/collate.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from ..checks import load_checked
+from ..configuration_detr_custom import DetrCustomConfig
+from ..data import (
+    Compose,
+    DetectionData,
+    DetrCollator,
+    EpochShuffleSampler,
+    find_split,
+    load_coco_folder_with_info,
+    load_detection_dataset,
+    load_yolo_folder_with_info,
+    make_train_transforms,
+    scaled_train_transform_kwargs,
+    synthetic_coco_dir,
+)
+from ..image_processing_detr_custom import DetrCustomImageProcessor
+from ..modeling_detr_custom import DetrCustomForObjectDetection
+from .arguments import DataArguments, TrainArguments
+from .presets import MODEL_PRESETS
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_data(args: DataArguments, contiguous_labels: bool) -> DetectionData:
+    """The dataset of the options: a Hub name, a saved dataset, a YOLO or COCO folder, or the synthetic default.
+
+    Call under ``accelerator.main_process_first()`` with several processes (it may build caches).
+    """
+    datasets_cache = str(Path(args.cache_dir) / "datasets") if args.cache_dir else None
+    if args.dataset_name or args.dataset_path:
+        return load_detection_dataset(dataset_name=args.dataset_name, dataset_path=args.dataset_path,
+                                      contiguous_labels=contiguous_labels, on_bad_data=args.on_bad_data,
+                                      cache_dir=datasets_cache)
+    if args.yolo_dir:
+        return load_yolo_folder_with_info(args.yolo_dir, on_bad_data=args.on_bad_data,
+                                          full_decode_check=args.full_decode_check, cache_dir=datasets_cache)
+    coco_dir = args.coco_dir or synthetic_coco_dir(args.cache_dir, args.synthetic_spec())
+    return load_coco_folder_with_info(coco_dir, contiguous_labels=contiguous_labels, on_bad_data=args.on_bad_data,
+                                      full_decode_check=args.full_decode_check, cache_dir=datasets_cache)
+
+
+def make_image_processor(args: TrainArguments) -> DetrCustomImageProcessor:
+    """The processor saved with the model: short side ``image_size``, long side ``max_size``; the other
+    settings from the ``--model_name_or_path`` folder's processor when it has one."""
+    size = {"shortest_edge": int(args.image_size), "longest_edge": int(args.max_size)}
+    source = args.model_name_or_path
+    if source and (Path(source) / "preprocessor_config.json").is_file():
+        processor = DetrCustomImageProcessor.from_pretrained(source)
+        processor.size = size
+        return processor
+    return DetrCustomImageProcessor(size=size)
+
+
+def make_train_transform(args: TrainArguments) -> Compose | None:
+    """DETR's augmentation with every size scaled to ``image_size``; None without augmentation (the processor
+    then only resizes)."""
+    if not args.augmentation:
+        return None
+    kwargs = scaled_train_transform_kwargs(args.image_size)
+    kwargs["max_size"] = args.max_size
+    return make_train_transforms(**kwargs)
+
+
+def split_names(args: TrainArguments, data: DetectionData) -> tuple[str, str | None]:
+    """(train split, eval split or None when the dataset has none), checked against the dataset."""
+    train_split = args.train_split or find_split(data.dataset, "train")
+    eval_split = args.eval_split
+    if eval_split is None:
+        try:
+            eval_split = find_split(data.dataset, "eval")
+        except ValueError:
+            logger.warning("no validation split in %s: training without evaluation", list(data.dataset))
+    for split in (train_split, eval_split):
+        if split is not None and split not in data.dataset:
+            raise ValueError(f"split {split!r} not in the dataset; splits: {list(data.dataset)}")
+    return train_split, eval_split
+
+
+def first_rows(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def make_train_dataloader(args: TrainArguments, dataset: datasets.Dataset, processor: DetrCustomImageProcessor,
+                          split: str = "train") -> DataLoader:
+    """Seeded (seed, epoch) order and augmentation; drops the last incomplete batch, as the original DETR."""
+    if len(dataset) < args.per_device_train_batch_size:
+        raise ValueError(f"the {split!r} split has {len(dataset)} images, fewer than "
+                         f"--per_device_train_batch_size {args.per_device_train_batch_size}")
+    return DataLoader(
+        dataset, batch_size=args.per_device_train_batch_size, drop_last=True,
+        sampler=EpochShuffleSampler(len(dataset), args.seed),
+        collate_fn=DetrCollator(processor, make_train_transform(args), seed=args.seed),
+        num_workers=args.dataloader_num_workers,
+        # its own generator: creating an iterator must not consume the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(args.seed))
+
+
+def make_eval_dataloader(dataset: datasets.Dataset, processor: DetrCustomImageProcessor, batch_size: int,
+                         num_workers: int = 0) -> DataLoader:
+    """Sequential loader of undecoded rows; the processor resizes to its ``size``."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=DetrCollator(processor),
+                      num_workers=num_workers, generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def model_config_kwargs(name_or_path: str) -> dict[str, Any]:
+    """Preset kwargs, or those of a config.json file / model folder."""
+    if name_or_path in MODEL_PRESETS:
+        return dict(MODEL_PRESETS[name_or_path])
+    config = DetrCustomConfig.from_pretrained(name_or_path)
+    return {k: v for k, v in config.to_dict().items() if k not in (
+        "id2label", "label2id", "auto_map", "model_type", "transformers_version", "architectures",
+        "label_to_category_id", "contiguous_labels")}
+
+
+def apply_config_overrides(config: DetrCustomConfig, overrides: str | None) -> None:
+    """``"d_model=64,num_queries=20"`` (transformers example-script style), typed like the existing value."""
+    if not overrides:
+        return
+    try:
+        config.update_from_string(overrides)
+    except ValueError as err:
+        raise ValueError(f"--config_overrides {overrides!r}: {err} (expected 'key=value,key=value' with "
+                         "DetrCustomConfig field names, e.g. 'd_model=64,num_queries=20')") from err
+    config.validate_detr()
+
+
+def create_model(args: TrainArguments, data: DetectionData) -> DetrCustomForObjectDetection:
+    """A fresh model (preset + overrides, ImageNet backbone per ``--backbone_weights``) or
+    ``--model_name_or_path`` with the dataset's label set (class head replaced if it differs).
+
+    The config records the dataset's label -> category id mapping and ``contiguous_labels`` for evaluation.
+    """
+    id2label = {int(k): str(v) for k, v in data.label_mapping.id2label.items()}
+    facts = dict(label_to_category_id=dict(data.label_mapping.label_to_category_id),
+                 contiguous_labels=args.contiguous_labels)
+    if args.model_name_or_path:
+        return load_for_finetuning(args.model_name_or_path, id2label, args.config_overrides, **facts)
+    config = DetrCustomConfig(**model_config_kwargs(args.model_config), id2label=id2label, **facts)
+    apply_config_overrides(config, args.config_overrides)
+    model = DetrCustomForObjectDetection(config)
+    if args.backbone_weights != "none":
+        # "timm" downloads the ImageNet weights of config.backbone; a path loads a local file
+        model.load_pretrained_backbone(None if args.backbone_weights == "timm" else args.backbone_weights)
+    else:
+        revive_zero_init_batch_norms(model)
+    return model
+
+
+def revive_zero_init_batch_norms(model: torch.nn.Module) -> int:
+    """Set to 1 the frozen BatchNorm scales that a random timm ResNet starts at 0; returns how many.
+
+    timm zero-initialises the last BatchNorm of every residual block (``zero_init_last``) so that
+    each block starts as the identity and the BatchNorm learns its scale. DETR freezes BatchNorm,
+    so a random backbone would keep those scales at 0 forever: every residual branch dead, the
+    backbone reduced to its stem and shortcut convolutions, unable to learn shapes. Pretrained
+    weights overwrite these buffers, so only ``--backbone_weights none`` needs this.
+    """
+    revived = 0
+    for name, buffer in model.named_buffers():
+        if ".backbone." in f".{name}" and name.endswith(".weight") and buffer.numel() and not buffer.any():
+            buffer.fill_(1.0)
+            revived += 1
+    if revived:
+        logger.info("random backbone: %d zero-initialised frozen BatchNorm scales set to 1 (live residual branches)",
+                    revived)
+    return revived
+
+
+def load_for_finetuning(path: str, id2label: dict[int, str], overrides: str | None,
+                        label_to_category_id: Mapping[int, int], contiguous_labels: bool
+                        ) -> DetrCustomForObjectDetection:
+    """Load a saved/converted model for a new label set.
+
+    With another number of labels the mismatched class head is re-initialised by
+    ``ignore_mismatched_sizes``; with the same number but other names it is re-initialised here,
+    since keeping it would silently map old classes onto new ones.
+    """
+    config = DetrCustomConfig.from_pretrained(path)
+    old = {int(k): v for k, v in config.id2label.items()}
+    config.id2label, config.label2id = id2label, {v: k for k, v in id2label.items()}
+    config.label_to_category_id = {int(k): int(v) for k, v in label_to_category_id.items()}
+    config.contiguous_labels = contiguous_labels
+    apply_config_overrides(config, overrides)
+    # missing keys are allowed (new layers from --config_overrides start from scratch, logged); corrupt or
+    # non-finite weights are not
+    model = load_checked(DetrCustomForObjectDetection, path, allow_missing=True, config=config,
+                         ignore_mismatched_sizes=True)
+    if old != id2label:
+        if len(old) == len(id2label):
+            model.class_labels_classifier.reset_parameters()
+        logger.info("new label set (%d labels, was %d): the class head starts from scratch", len(id2label), len(old))
+    return model
+
+
+# ----------------------------------------------------------------------------- optimizer, schedule
+
+
+def param_groups(model: torch.nn.Module, learning_rate: float, backbone_learning_rate: float,
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: the transformer and heads at ``learning_rate``, the backbone at its own lr.
+
+    As the original, weight decay applies to every parameter, and a backbone lr of 0 freezes the
+    backbone. Parameters already frozen (stem, layer1) are left out.
+    """
+    backbone, rest = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_backbone = ".backbone." in f".{name}"
+        if is_backbone and backbone_learning_rate == 0:
+            param.requires_grad_(False)
+            continue
+        (backbone if is_backbone else rest).append(param)
+    groups = [{"params": rest, "lr": learning_rate, "initial_lr": learning_rate, "weight_decay": weight_decay,
+               "name": "transformer"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": backbone_learning_rate, "initial_lr": backbone_learning_rate,
+                       "weight_decay": weight_decay, "name": "backbone"})
+    return groups
+
+
+def make_optimizer(model: torch.nn.Module, args: TrainArguments) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; the fused kernel where torch has one (3x faster steps on CPU for
+    the demo model, whose small inputs make the optimizer a large share of a step)."""
+    groups = param_groups(model, args.learning_rate, args.backbone_learning_rate, args.weight_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+
+
+def lr_factor(global_step: int, epoch: int, lr_drop_epochs: int | None, warmup_steps: int, gamma: float = 0.1) -> float:
+    """Multiplier of the base lrs for the optimizer step after ``global_step`` steps, in ``epoch``.
+
+    StepLR in epochs (x ``gamma`` every ``lr_drop_epochs`` epochs, as the original's per-epoch
+    scheduler) times a linear warmup over the first ``warmup_steps`` steps.
+    """
+    factor = gamma ** (epoch // lr_drop_epochs) if lr_drop_epochs else 1.0
+    if warmup_steps and global_step < warmup_steps:
+        factor *= (global_step + 1) / warmup_steps
+    return factor
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor

@@ -1,0 +1,39 @@
+"""COCO box AP of a saved detr-custom folder on a dataset split, on any number of processes.
+
+    python scripts/evaluate_model.py --model outputs/demo                       # the synthetic shapes' val split
+    python scripts/evaluate_model.py --model outputs/r50 --coco_dir /data/coco --split val
+    accelerate launch --num_processes 4 scripts/evaluate_model.py --model ... --coco_dir ...
+
+Writes ``eval_results.json`` into the model folder (or ``--output_file``; an existing file is refused without
+``--overwrite_output_file``), the file `scripts/push_to_hub.py` reports in the model card, and prints it.
+Predicted labels are mapped to the dataset's category ids with the mapping training saved in the config.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from modeling_detr_custom.checks import run_cli
+from modeling_detr_custom.training import EvalArguments, evaluate_folder, parse_eval_args
+from modeling_detr_custom.training.evaluation import results_path, write_results
+
+
+def parse_args(argv: list[str] | None = None) -> EvalArguments:
+    return parse_eval_args(argv, description=__doc__)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    path = results_path(args)  # refused before any work if it exists
+    result = evaluate_folder(args)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        write_results(result, path)
+        print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -226,7 +226,8 @@ def part_memory(ours, theirs, args):
         model.zero_grad(set_to_none=True)
         model.eval()
         other.cuda()
-    out["ratio_peak_ours_over_transformers"] = out["ours"]["peak_allocated_mib"] / out["transformers"]["peak_allocated_mib"]
+    out["ratio_peak_ours_over_transformers"] = (
+        out["ours"]["peak_allocated_mib"] / out["transformers"]["peak_allocated_mib"])
     out.update(batch_size=4, image_sizes_hw=sizes, dtype="bf16 autocast")
     print(f"peak training memory batch 4: ours {out['ours']['peak_allocated_mib']:.0f} MiB, transformers "
           f"{out['transformers']['peak_allocated_mib']:.0f} MiB")

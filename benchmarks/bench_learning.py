@@ -32,7 +32,8 @@ from common import environment  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True, help="one sub-folder per run, and learning.json")
-    p.add_argument("--groups", type=int, nargs="+", default=[1, 4], help="num_query_groups values, run in this order; ratios against the smallest")
+    p.add_argument("--groups", type=int, nargs="+", default=[1, 4],
+                   help="num_query_groups values, run in this order; ratios against the smallest")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--target", type=float, default=0.5, help="validation AP50 to reach")
     p.add_argument("--parallel", type=int, default=1, help="trainings at once (each on one thread when > 1)")
@@ -53,7 +54,8 @@ def train(output_dir: Path, groups: int, seed: int, threads: str, extra: list[st
     command = [sys.executable, str(REPO / "scripts" / "train.py"), "--output_dir", str(folder), "--seed", str(seed),
                "--config_overrides", f"num_query_groups={groups}", "--num_threads", threads, *extra]
     with open(f"{folder}.log", "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def summarise_run(folder: Path, target: float) -> dict:
@@ -62,7 +64,8 @@ def summarise_run(folder: Path, target: float) -> dict:
     evals = [r for r in rows if "eval_AP50" in r]
     reached = next((r for r in evals if r["eval_AP50"] >= target), None)
     results = json.loads((folder / "all_results.json").read_text())
-    return {"steps_to_target": reached and reached["step"], "seconds_to_target": reached and round(reached["elapsed_s"], 1),
+    return {"steps_to_target": reached and reached["step"],
+            "seconds_to_target": reached and round(reached["elapsed_s"], 1),
             "final_AP50": round(results["AP50"], 4), "final_AP": round(results["AP"], 4),
             "train_runtime_s": results["train_runtime_s"], "global_step": results["global_step"]}
 
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     for groups, row in table.items():
         for key in ("steps_to_target", "seconds_to_target"):
             row[f"{key}_ratio"] = round(row[key] / base[key], 3) if row[key] and base[key] else None
-        print(f"K={groups}: median steps to AP50 {args.target} {row['steps_to_target']} (x{row['steps_to_target_ratio']}), "
+        print(f"K={groups}: median steps to AP50 {args.target} {row['steps_to_target']} "
+              f"(x{row['steps_to_target_ratio']}), "
               f"seconds {row['seconds_to_target']} (x{row['seconds_to_target_ratio']}), final AP50 median "
               f"{row['final_AP50']} min/max {row['final_AP50_min_max']}")
     report = {"environment": environment("cpu"), "target_AP50": args.target, "parallel": args.parallel,

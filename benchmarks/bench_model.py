@@ -245,7 +245,8 @@ def bench_rss(settings, args) -> dict:
     out["ratio_ours_over_transformers"] = out["ours"]["peak_rss_mib"] / out["transformers"]["peak_rss_mib"]
     print(f"\n== peak RSS, CPU eval forward, batch {len(settings['sizes'])}: ours {out['ours']['peak_rss_mib']:.0f} MiB"
           f" (after build {out['ours']['rss_after_build_mib']:.0f}), transformers "
-          f"{out['transformers']['peak_rss_mib']:.0f} MiB (after build {out['transformers']['rss_after_build_mib']:.0f})"
+          f"{out['transformers']['peak_rss_mib']:.0f} MiB "
+          f"(after build {out['transformers']['rss_after_build_mib']:.0f})"
           f", ratio {out['ratio_ours_over_transformers']:.3f}")
     return out
 

@@ -82,7 +82,8 @@ def images_per_second(fn: Callable[[list[dict]], Any], rows: list[dict], batch: 
         start = time.perf_counter()
         fn(chunk)
         rates.append(batch / (time.perf_counter() - start))
-    return {"images_per_s": round(statistics.median(rates), 2), "min": round(min(rates), 2), "max": round(max(rates), 2)}
+    return {"images_per_s": round(statistics.median(rates), 2), "min": round(min(rates), 2),
+            "max": round(max(rates), 2)}
 
 
 def bench_data(quick: bool) -> dict[str, Any]:
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer images and steps, R50 at 512 px")
     p.add_argument("--threads", default=None,
-                   help="comma-separated torch thread counts for the training steps (default: 1 and all cores; on a busy "
+                   help="comma-separated torch thread counts for the training steps "
+                        "(default: 1 and all cores; on a busy "
                         "machine more threads can be much slower)")
     p.add_argument("--models", default="tiny,demo,r50", help="comma-separated training-step configs to time")
     p.add_argument("--no_data", action="store_true", help="skip the data-pipeline measurement")
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["background_load"] = a.background_load
     if a.device == "cuda":
         results["train_steps"].append(bench_step("r50", MODEL_PRESETS["r50"], 800, 2, steps, "cuda", torch.bfloat16))
-    results["environment"] = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+    results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
+                              "cpu_count": os.cpu_count(),
                               "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
                               "machine": platform.machine(), "quick": a.quick}
     text = json.dumps(results, indent=2)

@@ -70,7 +70,8 @@ def load_checked(model_class: Any, source: str | os.PathLike, allow_missing: boo
     try:
         model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
     except SafetensorError as err:
-        raise ValueError(f"{_weights_name(source)} is corrupt or truncated ({err}); save or download it again") from None
+        raise ValueError(f"{_weights_name(source)} is corrupt or truncated ({err}); "
+                         "save or download it again") from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         message = (f"{_weights_name(source)} is incomplete: {len(missing)} parameter(s) missing, e.g. {missing[:3]}; "

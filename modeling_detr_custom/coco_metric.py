@@ -106,7 +106,8 @@ def predictions_from_post_processed(results: Sequence[Mapping[str, Any]], image_
     """``post_process_object_detection`` output (tensors; boxes absolute xyxy of the ORIGINAL
     image, i.e. called with ``target_sizes`` = original sizes) -> metric predictions (lists)."""
     return [
-        {"image_id": _as_int(i), "boxes": _tolist(r["boxes"]), "scores": _tolist(r["scores"]), "labels": _tolist(r["labels"])}
+        {"image_id": _as_int(i), "boxes": _tolist(r["boxes"]), "scores": _tolist(r["scores"]),
+         "labels": _tolist(r["labels"])}
         for r, i in zip(results, image_ids, strict=True)
     ]
 
@@ -152,7 +153,8 @@ def coco_gt_from_references(references: Sequence[Mapping[str, Any]]) -> COCO:
     return _coco_from_dict({"images": images, "annotations": annotations, "categories": categories})
 
 
-def detections_from_predictions(predictions: Sequence[Mapping[str, Any]], label_to_category_id: Mapping[int, int] | None) -> list[dict]:
+def detections_from_predictions(predictions: Sequence[Mapping[str, Any]],
+                                label_to_category_id: Mapping[int, int] | None) -> list[dict]:
     """Predictions (boxes absolute xyxy, model labels) -> pycocotools results (bbox xywh, category_id)."""
     dets = []
     for pred in predictions:
@@ -162,7 +164,8 @@ def detections_from_predictions(predictions: Sequence[Mapping[str, Any]], label_
             if label_to_category_id is not None and label not in label_to_category_id:
                 continue
             cat = int(label_to_category_id[label]) if label_to_category_id is not None else label
-            dets.append({"image_id": image_id, "category_id": cat, "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "score": float(score)})
+            dets.append({"image_id": image_id, "category_id": cat,
+                         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "score": float(score)})
     return dets
 
 
@@ -170,7 +173,8 @@ def _load_detections(gt: COCO, dets: list[dict]) -> COCO:
     """``gt.loadRes`` (it cannot take an empty list: then an empty result set)."""
     if dets:
         return _quiet(gt.loadRes, dets)
-    return _coco_from_dict({"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]), "annotations": []})
+    return _coco_from_dict({"images": list(gt.dataset["images"]), "categories": copy.deepcopy(gt.dataset["categories"]),
+                            "annotations": []})
 
 
 def resolve_backend(backend: str = "auto") -> str:

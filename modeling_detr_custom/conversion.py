@@ -194,7 +194,8 @@ def load_hf_folder(hf_dir: str | Path) -> tuple[dict[str, Tensor], dict]:
         raise FileNotFoundError(f"{hf_dir} holds neither model.safetensors nor pytorch_model.bin")
     if any("conv_encoder" in k or re.search(r"layers\.\d+\.fc1\.", k) for k in state_dict):
         if any("embedder" in k for k in state_dict):
-            raise ValueError("this checkpoint uses transformers' own ResNet backbone; only timm backbones are supported")
+            raise ValueError("this checkpoint uses transformers' own ResNet backbone; "
+                             "only timm backbones are supported")
         state_dict = rename(state_dict, V4_TO_V5)
     state_dict = {k: v for k, v in state_dict.items() if not IGNORED.search(k)}
     return state_dict, json.loads((hf_dir / "config.json").read_text())

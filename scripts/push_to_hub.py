@@ -6,7 +6,8 @@
 
 The folder holds model.safetensors, config.json (auto_map for AutoConfig, AutoModel,
 AutoModelForObjectDetection), preprocessor_config.json (auto_map for AutoImageProcessor), the remote-code
-files and README.md rendered from the package's hub/model_card.md. Before any upload it is loaded in a fresh offline process
+files and README.md rendered from the package's hub/model_card.md. Before any upload it is loaded in a fresh
+offline process
 with trust_remote_code=True and must give the source model's outputs.
 
 --local_dir alone builds and checks the folder there and stops (no network, no token); add --upload to push

@@ -39,7 +39,8 @@ def _ground_truth(seed: int = 0, num_images: int = 24) -> dict:
             w, h = rng.choice([12, 20, 60, 150, 300]) * rng.uniform(0.8, 1.2, size=2)
             x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
             anns.append({"id": len(anns) + 1, "image_id": image_id * 10, "category_id": int(rng.choice(CATS)),
-                         "bbox": [x, y, w, h], "area": w * h * rng.uniform(0.5, 1.0), "iscrowd": int(rng.random() < 0.05)})
+                         "bbox": [x, y, w, h], "area": w * h * rng.uniform(0.5, 1.0),
+                         "iscrowd": int(rng.random() < 0.05)})
     return {"images": images, "annotations": anns, "categories": [{"id": c, "name": f"c{c}"} for c in CATS]}
 
 
@@ -47,7 +48,8 @@ def _references(gt: dict) -> list[dict]:
     refs = []
     for img in gt["images"]:
         anns = [a for a in gt["annotations"] if a["image_id"] == img["id"]]
-        refs.append({"image_id": img["id"], "boxes": [a["bbox"] for a in anns], "category_ids": [a["category_id"] for a in anns],
+        refs.append({"image_id": img["id"], "boxes": [a["bbox"] for a in anns],
+                     "category_ids": [a["category_id"] for a in anns],
                      "area": [a["area"] for a in anns], "iscrowd": [a["iscrowd"] for a in anns]})
     return refs
 
@@ -110,7 +112,8 @@ def _stats(result: dict) -> list[float]:
 def test_perfect_predictions_give_ap_one() -> None:
     gt = _ground_truth()
     result = CocoDetectionMetric().compute(predictions=_perfect(gt), references=_references(gt))
-    assert result["AP"] == pytest.approx(1.0) and result["AP50"] == pytest.approx(1.0) and result["AR100"] == pytest.approx(1.0)
+    assert (result["AP"] == pytest.approx(1.0) and result["AP50"] == pytest.approx(1.0)
+            and result["AR100"] == pytest.approx(1.0))
     assert all(result[k] == pytest.approx(1.0) for k in ("APs", "APm", "APl")), "all area ranges present"
     assert result["num_images"] == len(gt["images"])
 
@@ -148,7 +151,8 @@ def test_label_mapping_and_empty_predictions() -> None:
     raw = coco_box_ap(preds, refs)
     to_label = {c: i for i, c in enumerate(CATS)}
     contiguous = [{**p, "labels": [to_label[lab] for lab in p["labels"]]} for p in preds]
-    mapped = coco_box_ap(contiguous, refs, label_to_category_id={str(i): c for i, c in enumerate(CATS)})  # JSON-style keys
+    mapped = coco_box_ap(contiguous, refs,
+                         label_to_category_id={str(i): c for i, c in enumerate(CATS)})  # JSON-style keys
     assert _stats(mapped) == pytest.approx(_stats(raw), abs=1e-12)
     empty = coco_box_ap([{"image_id": r["image_id"], "boxes": [], "scores": [], "labels": []} for r in refs], refs)
     assert empty["AP"] == 0.0 and empty["AR100"] == 0.0
@@ -157,7 +161,8 @@ def test_label_mapping_and_empty_predictions() -> None:
 
 
 def test_helpers_accept_tensors() -> None:
-    results = [{"scores": torch.tensor([0.5]), "labels": torch.tensor([3]), "boxes": torch.tensor([[1.0, 2.0, 3.0, 4.0]])}]
+    results = [{"scores": torch.tensor([0.5]), "labels": torch.tensor([3]),
+                "boxes": torch.tensor([[1.0, 2.0, 3.0, 4.0]])}]
     preds = predictions_from_post_processed(results, [torch.tensor([42])])
     assert preds == [{"image_id": 42, "boxes": [[1.0, 2.0, 3.0, 4.0]], "scores": [0.5], "labels": [3]}]
     items = [{"image_id": torch.tensor([1])}, {"image_id": np.int64(1)}, {"image_id": 2}, 2, torch.tensor(3)]
@@ -180,7 +185,8 @@ def test_evaluate_load_works_offline(tmp_path: Path) -> None:
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HOME": str(tmp_path / "hf")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert _stats(result) == pytest.approx(_pycocotools_direct(gt, preds), abs=1e-12)

@@ -72,3 +72,12 @@ def test_ema_leaves_training_alone_is_saved_and_resumes_exactly(tmp_path: Path) 
     results = read_json(tmp_path / "full" / "all_results.json")
     assert results["ema"] is True and results["ema_decay"] == 0.9
     assert read_json(tmp_path / "plain" / "all_results.json")["ema"] is False
+
+
+def test_the_card_says_when_the_weights_are_an_ema(tmp_path: Path) -> None:
+    from modeling_detr_custom.hub.card import _training_section, read_training_info
+
+    with_ema = _training_section(read_training_info(tmp_path, {"ema_decay": 0.9999, "learning_rate": 1e-4}, None))
+    without = _training_section(read_training_info(tmp_path, {"ema_decay": None, "learning_rate": 1e-4}, None))
+    assert "| weights: their moving average (EMA), decay | 0.9999 |" in with_ema
+    assert "EMA" not in without and "| learning rate | 0.0001 |" in without

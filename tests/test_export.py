@@ -127,9 +127,9 @@ def test_export_verifies_writes_its_json_and_matches_pytorch_in_a_fresh_session(
 
 def as_pipeline_results(results, id2label):
     """post_process_object_detection's tensors in the pipeline's format (int pixel boxes)."""
-    return [[{"score": s.item(), "label": id2label[l.item()],
+    return [[{"score": s.item(), "label": id2label[label.item()],
               "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), b.int().tolist()))}
-             for s, l, b in zip(r["scores"], r["labels"], r["boxes"])] for r in results]
+             for s, label, b in zip(r["scores"], r["labels"], r["boxes"])] for r in results]
 
 
 def test_onnxruntime_on_a_padded_batch_gives_the_pipelines_detections(model_dir, tmp_path):

@@ -229,7 +229,8 @@ def test_broken_weights_are_refused_by_predict_evaluate_and_push(broken: str, me
     with pytest.raises(ValueError, match=message):
         EVALUATE["main"](["--model", str(model), "--cache_dir", str(cache_dir), "--synthetic_num_train", "8",
                           "--synthetic_num_val", "3", "--synthetic_image_size", "64"])
-    assert PUSH["main"](["--model_dir", str(model), "--repo_id", "someone/x", "--local_dir", str(tmp_path / "hub")]) == 1
+    assert PUSH["main"](["--model_dir", str(model), "--repo_id", "someone/x",
+                         "--local_dir", str(tmp_path / "hub")]) == 1
     assert message in capsys.readouterr().err
 
 
@@ -244,7 +245,8 @@ def test_non_finite_outputs_fail_evaluation_and_the_hub_comparison(tmp_path: Pat
         evaluate_coco(model, make_eval_dataloader(dataset, processor, 2), processor, OneProcess(),
                       metric_references(dataset, mapping), mapping)
     nan = {"logits": torch.full((1, 2, 4), float("nan")), "pred_boxes": torch.zeros(1, 2, 4)}
-    same = {**nan, "pixel_values": torch.zeros(1), "pixel_mask": torch.zeros(1), "base_last_hidden_state": torch.zeros(1),
+    same = {**nan, "pixel_values": torch.zeros(1), "pixel_mask": torch.zeros(1),
+            "base_last_hidden_state": torch.zeros(1),
             "pipeline": []}
     assert hub.compare_outputs(same, same) == ["logits: NaN or Inf in the outputs (no tolerance check can pass them)"]
 
@@ -258,8 +260,10 @@ def test_truncated_validation_image_does_not_crash_the_end_of_training(tmp_path:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(buffer, "JPEG")
     (coco / "images" / "val" / "a.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     out = tmp_path / "run"
-    results = TRAIN["main"](["--model_config", "tiny", "--coco_dir", str(coco), "--image_size", "64", "--max_steps", "1",
-                             "--per_device_train_batch_size", "2", "--picture_images", "3", "--checkpointing_epochs", "0",
+    results = TRAIN["main"](["--model_config", "tiny", "--coco_dir", str(coco), "--image_size", "64",
+                             "--max_steps", "1",
+                             "--per_device_train_batch_size", "2", "--picture_images", "3",
+                             "--checkpointing_epochs", "0",
                              "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)])
     assert results["global_step"] == 1 and results["eval_num_images"] == 3
     assert Image.open(out / "detections.png").width >= 3 * 256, "the picture, the unreadable image grey"
@@ -350,7 +354,8 @@ def test_bad_files_and_folders_are_one_clear_line(tmp_path: Path, cache_dir: Pat
         TRAIN["parse_args"](["--config", str(tmp_path / "options.json")])
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(ValueError, match=re.escape(f"--output_dir {blocker / 'run'}: {blocker} is a file, not a folder")):
+    with pytest.raises(ValueError,
+                       match=re.escape(f"--output_dir {blocker / 'run'}: {blocker} is a file, not a folder")):
         TRAIN["main"](tiny_run_args(blocker / "run", cache_dir))
     image = tmp_path / "a.png"
     Image.new("RGB", (64, 48)).save(image)
@@ -388,8 +393,10 @@ def test_targets_that_are_not_integer_id_and_box_tensors_are_one_clear_error():
     pixel_values, pixel_mask = padded_batch()
     good = {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
     as_lists = {"class_labels": [1], "boxes": [[0.5, 0.5, 0.2, 0.2]]}
-    with pytest.raises(ValueError, match=r"labels\[1\]: 'class_labels' and 'boxes' must be torch tensors .* got list and list"):
+    with pytest.raises(ValueError,
+                       match=r"labels\[1\]: 'class_labels' and 'boxes' must be torch tensors .* got list and list"):
         model(pixel_values, pixel_mask, labels=[good, as_lists])
     float_ids = {**good, "class_labels": torch.tensor([1.0])}
-    with pytest.raises(ValueError, match=r"labels\[0\]\['class_labels'\] must be integer class ids; got dtype torch.float32"):
+    with pytest.raises(ValueError,
+                       match=r"labels\[0\]\['class_labels'\] must be integer class ids; got dtype torch.float32"):
         model(pixel_values, pixel_mask, labels=[float_ids, good])

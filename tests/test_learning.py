@@ -42,11 +42,13 @@ def total_loss(row: dict) -> float:
 def test_demo_recipe_loss_drops_within_700_steps(tmp_path: Path, fresh_accelerate_state) -> None:
     train = runpy.run_path(str(REPO / "scripts" / "train.py"), run_name="train_script")
     args = ["--synthetic_num_train", "1024", "--synthetic_num_val", "8", "--max_steps", str(STEPS),
-            "--logging_steps", "20", "--eval_every_epochs", "1000", "--checkpointing_epochs", "0", "--picture_images", "0",
+            "--logging_steps", "20", "--eval_every_epochs", "1000", "--checkpointing_epochs", "0",
+            "--picture_images", "0",
             "--seed", "1", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run")]
     train["main"](args)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     window = [total_loss(r) for r in rows if "train_loss_ce" in r and WINDOW[0] < r["step"] <= WINDOW[1]]
     assert len(window) == (WINDOW[1] - WINDOW[0]) // 20
     mean = sum(window) / len(window)
-    assert mean < MAX_MEAN_LOSS, f"the demo recipe stalled: mean loss {mean:.3f} over steps {WINDOW} (>= {MAX_MEAN_LOSS})"
+    assert mean < MAX_MEAN_LOSS, (f"the demo recipe stalled: mean loss {mean:.3f} over steps {WINDOW} "
+                                  f"(>= {MAX_MEAN_LOSS})")

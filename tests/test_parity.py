@@ -192,8 +192,10 @@ def test_conversion_lists_unaccounted_keys_and_writes_nothing(tmp_path, converte
     original["transformer.extra.weight"] = torch.zeros(1)
     del original["class_embed.bias"]
     torch.save({"model": original}, tmp_path / "detr.pth")
-    with pytest.raises(ValueError, match=r"missing keys \(1\).*class_labels_classifier\.bias(.|\n)*unexpected keys \(1\).*transformer\.extra"):
-        convert_hf_detr.main(["--original_checkpoint", str(tmp_path / "detr.pth"), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=r"missing keys \(1\).*class_labels_classifier\.bias(.|\n)*"
+                                         r"unexpected keys \(1\).*transformer\.extra"):
+        convert_hf_detr.main(["--original_checkpoint", str(tmp_path / "detr.pth"),
+                              "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 

@@ -30,9 +30,9 @@ def by_hand(model, processor, images, threshold):
         outputs = model(**inputs)
     sizes = torch.tensor([(im.height, im.width) for im in images])
     results = processor.post_process_object_detection(outputs, threshold, sizes)
-    return [[{"score": s.item(), "label": model.config.id2label[l.item()],
+    return [[{"score": s.item(), "label": model.config.id2label[label.item()],
               "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), b.int().tolist()))}
-             for s, l, b in zip(r["scores"], r["labels"], r["boxes"])] for r in results]
+             for s, label, b in zip(r["scores"], r["labels"], r["boxes"])] for r in results]
 
 
 def assert_same(found, expected):

@@ -84,9 +84,11 @@ def test_synthetic_boxes_are_tight(coco_dir: Path) -> None:
 
 
 def test_synthetic_is_deterministic(tmp_path: Path) -> None:
-    a, b, c = (make_synthetic_coco(tmp_path / n, num_train=3, num_val=1, image_size=48, seed=s) for n, s in (("a", 5), ("b", 5), ("c", 6)))
+    a, b, c = (make_synthetic_coco(tmp_path / n, num_train=3, num_val=1, image_size=48, seed=s)
+               for n, s in (("a", 5), ("b", 5), ("c", 6)))
     assert a["train"].read_text() == b["train"].read_text() != c["train"].read_text()
-    assert (tmp_path / "a/images/train/000001.png").read_bytes() == (tmp_path / "b/images/train/000001.png").read_bytes()
+    assert ((tmp_path / "a/images/train/000001.png").read_bytes()
+            == (tmp_path / "b/images/train/000001.png").read_bytes())
 
 
 def test_make_synthetic_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,7 +234,8 @@ def test_exif_rotation_is_not_applied(tmp_path: Path) -> None:
     exif[0x0112] = 6  # "rotate 90 CW to display"
     Image.new("RGB", (40, 20), (200, 10, 10)).save(root / "images/train/a.jpg", exif=exif.tobytes())
     coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 20}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 30, 10], "area": 300, "iscrowd": 0}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 30, 10], "area": 300,
+                             "iscrowd": 0}],
             "categories": [{"id": 1, "name": "thing"}]}
     (root / "annotations").mkdir()
     (root / "annotations/instances_train.json").write_text(json.dumps(coco))
@@ -269,8 +272,10 @@ def test_schema_validation_names_missing_column(coco_dir: Path, tmp_path: Path) 
     with pytest.raises(ValueError, match="'objects'"):
         load_detection_dataset(dataset_path=no_objects)
     no_bbox = tmp_path / "no_bbox"
-    features = datasets.Features({"image": datasets.Image(), "objects": {"category": datasets.List(datasets.ClassLabel(names=["a", "b"]))}})
+    features = datasets.Features({"image": datasets.Image(),
+                                  "objects": {"category": datasets.List(datasets.ClassLabel(names=["a", "b"]))}})
     image = str(next((coco_dir / "images" / "train").iterdir()))
-    datasets.Dataset.from_dict({"image": [image], "objects": [{"category": [1]}]}, features=features).save_to_disk(str(no_bbox))
+    datasets.Dataset.from_dict({"image": [image], "objects": [{"category": [1]}]},
+                               features=features).save_to_disk(str(no_bbox))
     with pytest.raises(ValueError, match="'bbox'"):
         load_detection_dataset(dataset_path=no_bbox)

@@ -102,7 +102,8 @@ def write_coco(folder: Path, split: str, images: list[dict], annotations: list[d
             for x, y, w, h in spec.get("rects", []):
                 draw.rectangle([x, y, x + w - 1, y + h - 1], fill=(230, 40, 40))
             im.save(image_dir / spec["file_name"])
-        entries.append({"id": spec.get("id", i), "file_name": spec["file_name"], "width": spec["width"], "height": spec["height"]})
+        entries.append({"id": spec.get("id", i), "file_name": spec["file_name"], "width": spec["width"],
+                        "height": spec["height"]})
     categories = categories or [{"id": 1, "name": "box"}, {"id": 3, "name": "other"}]
     path = folder / "annotations" / f"instances_{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,8 @@ def mixed_size_coco(folder: Path) -> Path:
     images = [{"file_name": "a.png", "width": 96, "height": 64, "rects": [(10, 8, 30, 20)]},
               {"file_name": "b.png", "width": 64, "height": 80, "rects": [(5, 40, 20, 30), (40, 4, 16, 16)]},
               {"file_name": "c.png", "width": 72, "height": 72, "rects": [(20, 20, 40, 36)]}]
-    anns = [ann(1, 1, (10, 8, 30, 20)), ann(2, 2, (5, 40, 20, 30), 3), ann(3, 2, (40, 4, 16, 16)), ann(4, 3, (20, 20, 40, 36))]
+    anns = [ann(1, 1, (10, 8, 30, 20)), ann(2, 2, (5, 40, 20, 30), 3), ann(3, 2, (40, 4, 16, 16)),
+            ann(4, 3, (20, 20, 40, 36))]
     write_coco(folder, "val", images, anns)
     write_coco(folder, "train", images, anns)
     return folder
@@ -307,7 +309,8 @@ def test_metric_agrees_with_pycocotools_and_counts_each_image_once(tmp_path: Pat
         boxes, scores, labels = [], [], []
         for a in gt.loadAnns(gt.getAnnIds(imgIds=image_id)) + [None, None]:
             x, y, w, h = a["bbox"] if a else rng.uniform(0, 40, 4)
-            box = [x + rng.normal(0, 2), y + rng.normal(0, 2), x + max(w, 2) + rng.normal(0, 2), y + max(h, 2) + rng.normal(0, 2)]
+            box = [x + rng.normal(0, 2), y + rng.normal(0, 2),
+                   x + max(w, 2) + rng.normal(0, 2), y + max(h, 2) + rng.normal(0, 2)]
             label = a["category_id"] if a and rng.random() < 0.8 else int(rng.choice([1, 3, 7]))
             score = float(rng.uniform(0.05, 1))
             boxes.append(box), scores.append(score), labels.append(label)
@@ -331,7 +334,8 @@ def test_metric_agrees_with_pycocotools_and_counts_each_image_once(tmp_path: Pat
 
 def test_train_end_to_end_writes_a_loadable_folder(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "run"
-    results = TRAIN["main"](tiny_run_args(out, cache_dir, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
+    results = TRAIN["main"](tiny_run_args(out, cache_dir, "--checkpointing_steps", "1",
+                                          "--checkpoints_total_limit", "2",
                                           "--report_to", "tensorboard"))
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "global_step", "num_processes"):
         assert key in results
@@ -339,21 +343,25 @@ def test_train_end_to_end_writes_a_loadable_folder(tmp_path: Path, cache_dir: Pa
     assert results["global_step"] == 3 and results["num_processes"] == 1 and results["eval_num_images"] == 3
     lines = read_jsonl(out / "metrics.jsonl")
     assert [d["step"] for d in lines if "train_loss_ce" in d] == [1, 2, 3]
-    assert all(math.isfinite(d["train_loss_ce"]) and d["lr"] == 1e-4 and d["lr_backbone"] == 1e-5 for d in lines if "lr" in d)
+    assert all(math.isfinite(d["train_loss_ce"]) and d["lr"] == 1e-4 and d["lr_backbone"] == 1e-5
+               for d in lines if "lr" in d)
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"], "keeps the newest 2"
     assert Image.open(out / "detections.png").size[0] >= 2 * 256
     config = read_json(out / "config.json")
     assert config["auto_map"]["AutoModelForObjectDetection"] == "modeling_detr_custom.DetrCustomForObjectDetection"
     assert config["label_to_category_id"] == {"1": 1, "2": 2, "3": 3} and config["id2label"]["0"] == "N/A"
-    assert read_json(out / "preprocessor_config.json")["auto_map"]["AutoImageProcessor"].endswith("DetrCustomImageProcessor")
-    for name in ("modeling_detr_custom.py", "configuration_detr_custom.py", "loss_detr_custom.py", "image_processing_detr_custom.py"):
+    assert read_json(out / "preprocessor_config.json")["auto_map"]["AutoImageProcessor"].endswith(
+        "DetrCustomImageProcessor")
+    for name in ("modeling_detr_custom.py", "configuration_detr_custom.py", "loss_detr_custom.py",
+                 "image_processing_detr_custom.py"):
         assert (out / name).is_file()
     assert not (out / "training").exists() and not (out / "loop.py").exists(), "training is not remote code"
     assert list((out / "logs").rglob("events.out.tfevents.*")), "--report_to tensorboard logs"
     # scripts/evaluate_model.py on the same data gives the training's final evaluation
     metrics_file = tmp_path / "eval.json"
     evaluated = EVALUATE["main"](["--model", str(out), "--cache_dir", str(cache_dir), "--synthetic_num_train", "8",
-                                  "--synthetic_num_val", "3", "--synthetic_image_size", "64", "--output_file", str(metrics_file)])
+                                  "--synthetic_num_val", "3", "--synthetic_image_size", "64",
+                                  "--output_file", str(metrics_file)])
     assert read_json(metrics_file)["AP"] == evaluated["AP"]
     for key in ("AP", "AP50", "AR100"):
         assert evaluated[key] == pytest.approx(results[key], abs=1e-9)
@@ -372,7 +380,8 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path: Path
     assert (state["global_step"], state["epoch"], state["batches_in_epoch"]) == (3, 0, 3)
     fresh_accelerate_state_reset()
     TRAIN["main"](tiny_run_args(tmp_path / "split", cache_dir, *common, "--resume_from_checkpoint", "latest", steps=6))
-    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    full, resumed = (load_file(tmp_path / "full" / "model.safetensors"),
+                     load_file(tmp_path / "split" / "model.safetensors"))
     start = load_file(tmp_path / "split" / "checkpoints" / "checkpoint-3" / "model.safetensors")
     assert full.keys() == resumed.keys()
     assert max((full[k] - resumed[k]).abs().max().item() for k in full) <= 1e-6
@@ -434,7 +443,8 @@ def bad_data_coco(folder: Path) -> Path:
 
 def test_bad_data_is_skipped_with_counts_never_a_crash(tmp_path: Path, caplog) -> None:
     coco = bad_data_coco(tmp_path / "coco")
-    args = ["--model_config", "tiny", "--coco_dir", str(coco), "--image_size", "64", "--cache_dir", str(tmp_path / "cache"),
+    args = ["--model_config", "tiny", "--coco_dir", str(coco), "--image_size", "64",
+            "--cache_dir", str(tmp_path / "cache"),
             "--per_device_train_batch_size", "2", "--num_train_epochs", "2", "--output_dir", str(tmp_path / "run"),
             "--backbone_weights", "none", "--picture_images", "0", "--checkpointing_epochs", "0"]
     with caplog.at_level("INFO", logger="modeling_detr_custom"):
@@ -462,7 +472,8 @@ def test_finetune_from_saved_model_with_a_new_label_set(tmp_path: Path, cache_di
     config = read_json(out / "config.json")
     assert config["id2label"] == {"0": "box", "1": "other"} and config["label_to_category_id"] == {"0": 1, "1": 3}
     before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
-    assert after["class_labels_classifier.weight"].shape[0] == 3 and before["class_labels_classifier.weight"].shape[0] == 5
+    assert (after["class_labels_classifier.weight"].shape[0] == 3
+            and before["class_labels_classifier.weight"].shape[0] == 5)
     assert read_json(out / "preprocessor_config.json")["size"]["shortest_edge"] == 64, "the model's image size is kept"
     shared = "model.encoder.layers.0.self_attn.in_proj_weight"
     assert shared in after and (after[shared] - before[shared]).abs().max() < 1e-2, "the rest starts from the source"
@@ -490,7 +501,8 @@ def distributed_args(output_dir: Path, cache_dir: Path, batch: int, steps: int) 
             "--synthetic_min_shapes", "2", "--synthetic_max_shapes", "2", "--image_size", "64", "--no_augmentation",
             "--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", "1", "--max_steps", str(steps),
             "--checkpointing_epochs", "0", "--picture_images", "0", "--logging_steps", "1",
-            "--cache_dir", str(cache_dir), "--output_dir", str(output_dir), "--dump_first_step", str(output_dir / "first_step.pt")]
+            "--cache_dir", str(cache_dir), "--output_dir", str(output_dir),
+            "--dump_first_step", str(output_dir / "first_step.pt")]
 
 
 def free_port() -> int:

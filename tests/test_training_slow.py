@@ -48,14 +48,17 @@ def overfit_args(output_dir: Path, cache_dir: Path, seed: int) -> list[str]:
     """The setup that shows learning fast on a CPU (README): 4 images of 64 px with 1-3 shapes, one batch,
     no augmentation, a test_resnet backbone from scratch, d_model 256, 2+2 layers, 8 queries, lr 2e-4
     everywhere, no dropout, no lr drop; evaluated on the same 4 images."""
-    model = ("backbone=test_resnet,dilation=false,freeze_backbone_stem=true,d_model=256,encoder_layers=2,decoder_layers=2,"
+    model = ("backbone=test_resnet,dilation=false,freeze_backbone_stem=true,d_model=256,"
+             "encoder_layers=2,decoder_layers=2,"
              "encoder_attention_heads=8,decoder_attention_heads=8,encoder_ffn_dim=512,decoder_ffn_dim=512,num_queries=8,"
              "dropout=0.0,attention_dropout=0.0,activation_dropout=0.0")
     return ["--model_config", "demo", "--config_overrides", model, "--synthetic_num_train", "4",
             "--synthetic_num_val", "1", "--synthetic_image_size", "64", "--synthetic_seed", str(seed),
             "--image_size", "64", "--eval_split", "train", "--no_augmentation", "--per_device_train_batch_size", "4",
-            "--max_steps", "300", "--learning_rate", "2e-4", "--backbone_learning_rate", "2e-4", "--lr_drop_epochs", "0",
-            "--eval_every_epochs", "1000", "--checkpointing_epochs", "0", "--logging_steps", "50", "--picture_images", "2",
+            "--max_steps", "300", "--learning_rate", "2e-4", "--backbone_learning_rate", "2e-4",
+            "--lr_drop_epochs", "0",
+            "--eval_every_epochs", "1000", "--checkpointing_epochs", "0", "--logging_steps", "50",
+            "--picture_images", "2",
             "--seed", str(seed), "--cache_dir", str(cache_dir), "--output_dir", str(output_dir)]
 
 
@@ -104,7 +107,8 @@ def colourings_coco(source: Path, out: Path, colourings: list, split: str = "tra
         for image in coco["images"]:
             new_id = 1000 * (k + 1) + image["id"]
             name = f"{new_id}.png"
-            recolour(Image.open(source / "images" / "train" / image["file_name"]), order, invert).save(out / "images" / split / name)
+            recolour(Image.open(source / "images" / "train" / image["file_name"]), order, invert).save(
+                out / "images" / split / name)
             images.append({**image, "id": new_id, "file_name": name})
             annotations += [{**a, "id": len(annotations) + 1, "image_id": new_id}
                             for a in coco["annotations"] if a["image_id"] == image["id"]]
@@ -130,7 +134,8 @@ def pipeline_run(tmp_path_factory) -> tuple[Path, Path]:
     return root / "model", root / "source"
 
 
-def test_trained_folder_loads_in_a_fresh_process_and_the_pipeline_finds_the_shapes(pipeline_run, tmp_path: Path) -> None:
+def test_trained_folder_loads_in_a_fresh_process_and_the_pipeline_finds_the_shapes(
+        pipeline_run, tmp_path: Path) -> None:
     """The package is not importable there (cwd elsewhere, not on sys.path), the Hub is off: only the
     remote code saved in the folder can load it. The image is a colouring the model never saw."""
     model_dir, source = pipeline_run
@@ -141,7 +146,8 @@ def test_trained_folder_loads_in_a_fresh_process_and_the_pipeline_finds_the_shap
         recolour(Image.open(source / "images" / "train" / image["file_name"]), *UNSEEN_COLOURING).save(unseen[-1])
     script = textwrap.dedent(f"""
         import importlib.util, json, sys
-        sys.modules["modeling_detr_custom"] = None  # even when installed (pip install -e), only the folder's code may load
+        sys.modules["modeling_detr_custom"] = None  # even when installed (pip install -e),
+        # only the folder's code may load
         from PIL import Image
         from transformers import AutoModelForObjectDetection, pipeline
         model = AutoModelForObjectDetection.from_pretrained({str(model_dir)!r}, trust_remote_code=True)
@@ -164,7 +170,8 @@ def test_trained_folder_loads_in_a_fresh_process_and_the_pipeline_finds_the_shap
             x, y, w, h = gt["bbox"]
             found = [d for d in detections if d["label"] == names[gt["category_id"]]
                      and iou((x, y, x + w, y + h), tuple(d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax"))) >= 0.5]
-            assert found, f"no detection of {names[gt['category_id']]} at {gt['bbox']} in {image['file_name']}: {detections}"
+            assert found, (f"no detection of {names[gt['category_id']]} at {gt['bbox']} in {image['file_name']}: "
+                           f"{detections}")
 
 
 def iou(a: tuple, b: tuple) -> float:
@@ -179,7 +186,8 @@ def iou(a: tuple, b: tuple) -> float:
 
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     out, cache = tmp_path / "run", tmp_path / "cache"
-    args = ["--model_config", "tiny", "--synthetic_num_train", "8", "--synthetic_num_val", "2", "--synthetic_image_size", "64",
+    args = ["--model_config", "tiny", "--synthetic_num_train", "8", "--synthetic_num_val", "2",
+            "--synthetic_image_size", "64",
             "--image_size", "64", "--per_device_train_batch_size", "2", "--max_steps", "100000", "--logging_steps", "1",
             "--checkpointing_epochs", "0", "--picture_images", "0", "--cache_dir", str(cache), "--output_dir", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

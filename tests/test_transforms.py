@@ -184,7 +184,8 @@ def test_eval_collate_shapes_mask_and_normalised_boxes() -> None:
     assert torch.allclose(first["boxes"], torch.tensor([[28 / 80, 14 / 40, 40 / 80, 20 / 40]]))
     assert first["orig_size"].tolist() == [40, 80] and first["image_id"].tolist() == [1]
     assert second["class_labels"].tolist() == [7, 1]
-    assert torch.allclose(second["boxes"], torch.tensor([[9 / 30, 21 / 60, 12 / 30, 30 / 60], [29.5 / 30, 2.5 / 60, 1 / 30, 5 / 60]]))
+    assert torch.allclose(second["boxes"], torch.tensor([[9 / 30, 21 / 60, 12 / 30, 30 / 60],
+                                                         [29.5 / 30, 2.5 / 60, 1 / 30, 5 / 60]]))
     assert third["boxes"].shape == (0, 4) and third["class_labels"].shape == (0,)
 
 
@@ -207,7 +208,8 @@ def test_train_collate_boxes_follow_pixels_through_processor() -> None:
     t = make_train_transforms(scales=(48, 64), max_size=100, crop_resize_scales=(60,), crop_min=40, crop_max=60)
     image = Image.new("RGB", (80, 60), (0, 0, 0))
     image.paste(RED, (20, 10, 50, 40))  # pixels x 20..49, y 10..39 -> COCO [20, 10, 30, 30]
-    row = {"image_id": 5, "image": image, "objects": {"bbox": [[20.0, 10.0, 30.0, 30.0]], "category": [1], "area": [900.0]}}
+    row = {"image_id": 5, "image": image,
+           "objects": {"bbox": [[20.0, 10.0, 30.0, 30.0]], "category": [1], "area": [900.0]}}
     for seed in range(10):
         batch = DetrCollator(proc, t, seed=seed)([row])
         labels = batch["labels"][0]
@@ -223,7 +225,8 @@ def test_collate_accepts_objects_as_list_of_dicts() -> None:
     """Some Hub datasets store objects as List({...}) (a list of dicts per row) instead of a dict of lists."""
     proc = DetrCustomImageProcessor(size={"shortest_edge": 40, "longest_edge": 200})
     as_columns = _rows()[:2]
-    as_rows = [{**r, "objects": [dict(zip(r["objects"], vals)) for vals in zip(*r["objects"].values())]} for r in as_columns]
+    as_rows = [{**r, "objects": [dict(zip(r["objects"], vals)) for vals in zip(*r["objects"].values())]}
+               for r in as_columns]
     a, b = DetrCollator(proc)(as_columns), DetrCollator(proc)(as_rows)
     for la, lb in zip(a["labels"], b["labels"]):
         assert torch.equal(la["boxes"], lb["boxes"]) and torch.equal(la["class_labels"], lb["class_labels"])

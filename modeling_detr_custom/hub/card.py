@@ -171,6 +171,7 @@ _ARG_NAMES = {  # training_args.json key -> how the card names it; only these ar
     "max_size": "image long side max (px)", "augmentation": "DETR augmentation (flip, multi-scale, crop)",
     "learning_rate": "learning rate", "backbone_learning_rate": "backbone learning rate",
     "weight_decay": "weight decay", "max_grad_norm": "gradient clipping (max norm)",
+    "ema_decay": "weights: their moving average (EMA), decay",
     "per_device_train_batch_size": "batch size per device", "gradient_accumulation_steps": "gradient accumulation",
     "num_train_epochs": "epochs", "max_steps": "max steps", "lr_drop_epochs": "lr x0.1 every N epochs",
     "warmup_steps": "warmup steps", "mixed_precision": "mixed precision", "seed": "seed",

@@ -209,8 +209,8 @@ def reference_outputs(model: DetrCustomForObjectDetection, processor: DetrCustom
                                                        target_sizes=[(images[0].height, images[0].width)])
     return {"pixel_values": inputs["pixel_values"], "pixel_mask": inputs["pixel_mask"], "logits": outputs.logits,
             "pred_boxes": outputs.pred_boxes, "base_last_hidden_state": base_outputs.last_hidden_state,
-            "pipeline": [{"score": float(s), "label": model.config.id2label[int(l)], "box": b.tolist()}
-                         for s, l, b in zip(found["scores"], found["labels"], found["boxes"])]}
+            "pipeline": [{"score": float(s), "label": model.config.id2label[int(label_id)], "box": b.tolist()}
+                         for s, label_id, b in zip(found["scores"], found["labels"], found["boxes"])]}
 
 
 def compare_outputs(reference: Mapping[str, Any], loaded: Mapping[str, Any], atol: float = OUTPUT_ATOL) -> list[str]:

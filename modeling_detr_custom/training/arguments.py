@@ -46,12 +46,17 @@ class DataArguments:
     coco_eval_backend: Literal["auto", "faster", "pycocotools"] = _opt(
         "COCO AP engine: faster-coco-eval (same AP, several times faster), pycocotools, or auto (faster if "
         "installed)", "auto")
-    synthetic_num_train: int | None = _opt(f"synthetic shapes: training images (default {SYNTHETIC_DEFAULTS['num_train']})")
-    synthetic_num_val: int | None = _opt(f"synthetic shapes: validation images (default {SYNTHETIC_DEFAULTS['num_val']})")
-    synthetic_image_size: int | None = _opt(f"synthetic shapes: image side (default {SYNTHETIC_DEFAULTS['image_size']})")
+    synthetic_num_train: int | None = _opt(
+        f"synthetic shapes: training images (default {SYNTHETIC_DEFAULTS['num_train']})")
+    synthetic_num_val: int | None = _opt(
+        f"synthetic shapes: validation images (default {SYNTHETIC_DEFAULTS['num_val']})")
+    synthetic_image_size: int | None = _opt(
+        f"synthetic shapes: image side (default {SYNTHETIC_DEFAULTS['image_size']})")
     synthetic_num_classes: int | None = _opt(f"synthetic shapes: classes (default {SYNTHETIC_DEFAULTS['num_classes']})")
-    synthetic_min_shapes: int | None = _opt(f"synthetic shapes: fewest per image (default {SYNTHETIC_DEFAULTS['min_shapes']})")
-    synthetic_max_shapes: int | None = _opt(f"synthetic shapes: most per image (default {SYNTHETIC_DEFAULTS['max_shapes']})")
+    synthetic_min_shapes: int | None = _opt(
+        f"synthetic shapes: fewest per image (default {SYNTHETIC_DEFAULTS['min_shapes']})")
+    synthetic_max_shapes: int | None = _opt(
+        f"synthetic shapes: most per image (default {SYNTHETIC_DEFAULTS['max_shapes']})")
     synthetic_seed: int | None = _opt(f"synthetic shapes: seed (default {SYNTHETIC_DEFAULTS['seed']})")
 
     def synthetic_spec(self) -> dict[str, int]:
@@ -142,7 +147,8 @@ def options_parser(dataclass_type: type, description: str) -> HfArgumentParser:
     """HfArgumentParser of ``dataclass_type`` plus ``--config FILE`` (and ``--no_augmentation`` for training)."""
     import argparse
 
-    parser = HfArgumentParser(dataclass_type, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = HfArgumentParser(dataclass_type, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML/JSON file of options (keys = option names); the command line wins")
     if any(f.name == "augmentation" for f in dataclasses.fields(dataclass_type)):
         parser.add_argument("--no_augmentation", dest="augmentation", action="store_const", const=False,

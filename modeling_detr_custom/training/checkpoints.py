@@ -72,7 +72,8 @@ def resolve_checkpoint(resume: str | None, output_dir: str | os.PathLike) -> Pat
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting from scratch", output_dir)
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting from scratch",
+                           output_dir)
             return None
         return found[-1]
     path = Path(resume)

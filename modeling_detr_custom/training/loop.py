@@ -102,7 +102,8 @@ def make_accelerator(args: TrainArguments) -> Any:
     return Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / LOGS_DIR)),
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir) / LOGS_DIR)),
         # our sampler is seeded by (seed, epoch) already; accelerate must not replace it
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=False),
         # the only buffers are frozen BatchNorm statistics and loss weights: nothing to re-broadcast each step
@@ -183,7 +184,8 @@ def setup(args: TrainArguments) -> Job:
     # ground truth with dataset category ids; predictions are mapped to them with the same mapping
     references = metric_references(eval_ds, mapping) if eval_ds is not None else None
     job = Job(args, accelerator, model, optimizer, train_loader, eval_loader, processor, eval_ds, eval_split,
-              references, mapping, output_dir, steps_per_epoch, args.max_steps or args.num_train_epochs * steps_per_epoch)
+              references, mapping, output_dir, steps_per_epoch,
+              args.max_steps or args.num_train_epochs * steps_per_epoch)
     job.state.num_processes = accelerator.num_processes
     job.state.total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * \
         args.gradient_accumulation_steps

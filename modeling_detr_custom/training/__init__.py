@@ -6,7 +6,9 @@ run. Never shipped: the remote-code files do not import it.
 - `factories.py`: data, loaders, model, optimizer and lr schedule from the options;
 - `checkpoints.py`: atomic checkpoints, rotation, ``latest``, exact resume, a previous run's folder;
 - `monitor.py`: the running loss read once per logging interval, divergence checks, signals, metrics.jsonl;
-- `loop.py`: setup, the fit loop, the epoch loop and DETR's training step;
+- `job.py`: everything a run works on, built once by `setup` (accelerator, data, model, loaders, EMA), and resume;
+- `loop.py`: the fit loop, the epoch loop, DETR's training step, and `run_training` around them;
+- `ema.py`: the moving average of the weights (``--ema_decay``);
 - `evaluation.py`: COCO AP gathered across processes, the detections picture, a saved folder's evaluation.
 """
 

@@ -130,7 +130,7 @@ def evaluate_folder(args: EvalArguments) -> dict[str, Any]:
     """`scripts/evaluate_model.py`: COCO AP of a saved model folder on a dataset split (any process count)."""
     from accelerate import Accelerator
 
-    from .loop import configure_logging
+    from .job import configure_logging
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
     configure_logging(accelerator)

@@ -30,7 +30,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 # an idle 2-core machine, but several times slower on two threads when another job keeps a core busy.
 TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(image_size=64, learning_rate=2e-4, backbone_learning_rate=2e-4, num_train_epochs=28,
-                 lr_drop_epochs=21, per_device_train_batch_size=8, backbone_weights="none", augmentation=False,
+                 lr_drop_epochs=24, per_device_train_batch_size=8, backbone_weights="none", augmentation=False,
                  num_threads="auto"),
     "tiny": dict(image_size=64, learning_rate=1e-4, backbone_learning_rate=1e-5, num_train_epochs=1,
                  lr_drop_epochs=None, per_device_train_batch_size=2, backbone_weights="none", augmentation=True,

@@ -42,7 +42,6 @@ class IntervalReading:
         step_losses: (global step, epoch, loss averaged over processes) of every micro-step, in order.
         micro_steps, samples: summed over processes.
         stop: a process received SIGTERM/SIGINT.
-        refused: micro-steps (global step) whose predictions the matcher refused as non-finite, on this process.
     """
 
     terms: dict[str, float]
@@ -50,7 +49,6 @@ class IntervalReading:
     micro_steps: int
     samples: int
     stop: bool
-    refused: tuple[int, ...]
 
 
 class RunningLoss:
@@ -64,15 +62,12 @@ class RunningLoss:
         self.terms: list[Tensor | None] = []  # (len(keys),) per micro-step; None: refused by the matcher
         self.losses: list[Tensor] = []  # () per micro-step
         self.steps: list[tuple[int, int]] = []  # (global step, epoch) per micro-step
-        self.refused: list[int] = []
         self.samples, self.start = 0, time.perf_counter()
 
     def add(self, loss: Tensor, loss_dict: Mapping[str, Tensor], samples: int, step: int, epoch: int) -> None:
         """``loss_dict`` empty: the matcher refused this micro-step's predictions (``loss`` is NaN)."""
         if loss_dict:
             self.keys = self.keys or sorted(loss_dict)
-        else:
-            self.refused.append(step)
         self.terms.append(torch.stack([loss_dict[k].detach().float() for k in self.keys]) if loss_dict else None)
         self.losses.append(loss.detach().float().reshape(()))
         self.steps.append((step, epoch))
@@ -94,8 +89,7 @@ class RunningLoss:
         return IntervalReading(
             terms={k: v / max(micro_steps, 1) for k, v in zip(keys, host[:len(keys)])},
             step_losses=[(s, e, v / accelerator.num_processes) for (s, e), v in zip(self.steps, per_step)],
-            micro_steps=micro_steps, samples=int(host[len(keys) + 1]), stop=host[len(keys) + 2] > 0,
-            refused=tuple(self.refused))
+            micro_steps=micro_steps, samples=int(host[len(keys) + 1]), stop=host[len(keys) + 2] > 0)
 
     def step_terms(self, step: int) -> dict[str, float] | None:
         """This process's loss terms of ``step`` (for an error message), None if the matcher refused it."""

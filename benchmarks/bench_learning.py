@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -71,8 +72,10 @@ def summarise_run(folder: Path, target: float) -> dict:
 
 
 def median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
+    """Median where None (the run never reached the target) counts as later than any run: None if the median is."""
+    ordered = sorted(values, key=lambda v: math.inf if v is None else v)
+    middle = ordered[(len(ordered) - 1) // 2: len(ordered) // 2 + 1]
+    return None if None in middle else statistics.mean(middle)
 
 
 def main(argv: list[str] | None = None) -> dict:

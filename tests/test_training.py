@@ -181,6 +181,18 @@ def test_lr_schedule_is_steplr_in_epochs_with_warmup() -> None:
     assert [lr_factor(s, 0, None, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
 
 
+def test_r50_recipe_is_the_original_and_the_demo_warmup_is_its_own() -> None:
+    from modeling_detr_custom.training.arguments import parse_train_args, resolve_options
+
+    r50 = resolve_options(parse_train_args(["--output_dir", "x", "--model_config", "r50"]))
+    lr = (r50.learning_rate, r50.backbone_learning_rate, r50.warmup_steps, r50.lr_drop_epochs, r50.num_train_epochs)
+    assert lr == (1e-4, 1e-5, 0, 200, 300), "the original: no warmup, x0.1 at epoch 200 of 300"
+    assert (r50.weight_decay, r50.max_grad_norm, r50.per_device_train_batch_size) == (1e-4, 0.1, 2)
+    demo = resolve_options(parse_train_args(["--output_dir", "x"]))
+    assert (demo.model_config, demo.learning_rate, demo.warmup_steps) == ("demo", 4e-4, 2000)
+    assert resolve_options(parse_train_args(["--output_dir", "x", "--warmup_steps", "0"])).warmup_steps == 0
+
+
 def test_param_groups_backbone_lr_and_frozen_stem() -> None:
     model = DetrCustomForObjectDetection(tiny_config())
     groups = param_groups(model, 1e-4, 1e-5, 1e-4)

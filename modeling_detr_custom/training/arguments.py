@@ -109,7 +109,7 @@ class TrainArguments(DataArguments):
     weight_decay: float = _opt("AdamW weight decay, on every parameter as the original", 1e-4)
     max_grad_norm: float = _opt("gradient clipping; 0 disables", 0.1)
     lr_drop_epochs: int | None = _opt(f"lr x0.1 every N epochs (StepLR), 0: never; {PRESET} (r50: 200)")
-    warmup_steps: int = _opt("linear lr warmup (the original has none)", 0)
+    warmup_steps: int | None = _opt(f"linear lr warmup steps; {PRESET} (r50: 0, the original has none)")
     seed: int = _opt("each process uses seed + its rank", 42)
     ema_decay: float | None = _opt("keep an exponential moving average of the weights with this decay (e.g. 0.9999, "
                                    "RT-DETR's) and evaluate, save and ship it; default: off (the paper has none)")

@@ -47,7 +47,7 @@ def read_json(path: Path):
 def overfit_args(output_dir: Path, cache_dir: Path, seed: int) -> list[str]:
     """The setup that shows learning fast on a CPU (README): 4 images of 64 px with 1-3 shapes, one batch,
     no augmentation, a test_resnet backbone from scratch, d_model 256, 2+2 layers, 8 queries, lr 2e-4
-    everywhere, no dropout, no lr drop; evaluated on the same 4 images."""
+    everywhere, no warmup, no dropout, no lr drop; evaluated on the same 4 images."""
     model = ("backbone=test_resnet,dilation=false,freeze_backbone_stem=true,d_model=256,"
              "encoder_layers=2,decoder_layers=2,"
              "encoder_attention_heads=8,decoder_attention_heads=8,encoder_ffn_dim=512,decoder_ffn_dim=512,num_queries=8,"
@@ -56,7 +56,7 @@ def overfit_args(output_dir: Path, cache_dir: Path, seed: int) -> list[str]:
             "--synthetic_num_val", "1", "--synthetic_image_size", "64", "--synthetic_seed", str(seed),
             "--image_size", "64", "--eval_split", "train", "--no_augmentation", "--per_device_train_batch_size", "4",
             "--max_steps", "300", "--learning_rate", "2e-4", "--backbone_learning_rate", "2e-4",
-            "--lr_drop_epochs", "0",
+            "--lr_drop_epochs", "0", "--warmup_steps", "0",
             "--eval_every_epochs", "1000", "--checkpointing_epochs", "0", "--logging_steps", "50",
             "--picture_images", "2",
             "--seed", str(seed), "--cache_dir", str(cache_dir), "--output_dir", str(output_dir)]

@@ -7,8 +7,8 @@ for a little less learning per step), few queries, Group DETR with 4 groups in t
 PyTorch's default init of the feed-forward layers (with the original's xavier init the stride-16 demo model of
 0fb0b69 stalled: AP50 0.05 instead of 0.53 after 24 epochs), and lr 4e-4 after a 2,000-step linear warmup (twice
 the earlier lr: AP50 0.94-0.96 against 0.85-0.89, three seeds; with no warmup it never learned, and with 500 steps
-the paper's DETR, num_query_groups=1, stayed at AP50 ~0 on two seeds of three). `tiny` is
-for tests. `r50` is the paper's model and recipe, init included (COCO, 300 epochs, lr x0.1 at 200, no warmup).
+the paper's DETR, num_query_groups=1, stayed at AP50 ~0 on two seeds of three). `tiny` is for tests. `r50` is
+the paper's model and recipe, init included (COCO, 300 epochs, lr x0.1 at 200, no warmup).
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ ratios K / K=1 of the medians over seeds.
 
 `--parallel 2` runs two trainings at once with one torch thread each (twice the throughput on a 2-core
 machine, each run slower than alone); the wall times are then those of a busy machine.
+
+`--backbone_from MODEL.safetensors` starts every run from the backbone of a trained detr-custom model (a model
+folder's or a checkpoint's `model.safetensors`) instead of a random one: the regime DETR is trained in (the paper
+starts from ImageNet weights, which this machine cannot download). Its backbone is written once, as the timm
+state dict `--backbone_weights` reads, to `<output_dir>/backbone.safetensors`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
@@ -38,9 +46,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--target", type=float, default=0.5, help="validation AP50 to reach")
     p.add_argument("--parallel", type=int, default=1, help="trainings at once (each on one thread when > 1)")
+    p.add_argument("--backbone_from", help="model.safetensors of a trained detr-custom model: its backbone starts "
+                   "every run (default: a random backbone, as the demo)")
     p.add_argument("--summarise", action="store_true", help="do not train: read the runs already in --output_dir")
     p.add_argument("train_args", nargs="*", help="extra scripts/train.py options, after --")
     return p.parse_args(argv)
+
+
+def write_backbone(model_file: Path, output_dir: Path) -> Path:
+    """The backbone of a detr-custom ``model.safetensors`` as a timm state dict file (``--backbone_weights``).
+
+    An existing file is kept when it holds the same backbone; another one is refused (its runs started from it).
+    """
+    prefix = "model.backbone.body."
+    body = {name[len(prefix):]: tensor for name, tensor in load_file(model_file).items() if name.startswith(prefix)}
+    if not body:
+        raise ValueError(f"--backbone_from {str(model_file)!r} holds no {prefix}* tensors: not a detr-custom model")
+    out = output_dir / "backbone.safetensors"
+    if out.is_file():
+        existing = load_file(out)
+        if existing.keys() != body.keys() or not all(torch.equal(existing[k], body[k]) for k in body):
+            raise ValueError(f"{out} holds another backbone than {str(model_file)!r}: use another --output_dir")
+        return out
+    save_file(body, out)
+    return out
 
 
 def run_dir(output_dir: Path, groups: int, seed: int) -> Path:
@@ -84,9 +113,12 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     runs = [(groups, seed) for groups in args.groups for seed in args.seeds]
     if not args.summarise:
+        extra = list(args.train_args)
+        if args.backbone_from:
+            extra += ["--backbone_weights", str(write_backbone(Path(args.backbone_from), output_dir))]
         threads = "1" if args.parallel > 1 else "auto"
         with ThreadPoolExecutor(args.parallel) as pool:
-            list(pool.map(lambda run: train(output_dir, *run, threads, args.train_args), runs))
+            list(pool.map(lambda run: train(output_dir, *run, threads, extra), runs))
     per_run = {f"groups{g}_seed{s}": summarise_run(run_dir(output_dir, g, s), args.target) for g, s in runs}
     table = {}
     for groups in args.groups:

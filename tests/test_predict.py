@@ -148,7 +148,9 @@ def test_no_readable_image_at_all_fails(random_model: Path, tmp_path: Path, caps
 # cannot memorise). With the reference doc's fast recipe (test_resnet, d_model 256, 2+2 layers, 8 queries,
 # lr 2e-4, no dropout, no augmentation) it finds >= 90% of the circles of unseen images after ~700 steps;
 # more classes or shapes per image need thousands of steps (measured: 2 classes, 0.3 recall at 1200).
-TRAIN_STEPS, LR_DROP_FRACTION, TRAIN_BATCH, IMAGE_SIZE, TRAIN_SEED = 1000, 0.8, 8, 64, 0
+# 1,000 steps were enough on an AVX-512 CPU but not on an AVX2-only one, where float rounding gives another run:
+# its top-scoring detection was a small box inside the circle, ahead of the right one. 1,500 steps pass there.
+TRAIN_STEPS, LR_DROP_FRACTION, TRAIN_BATCH, IMAGE_SIZE, TRAIN_SEED = 1500, 0.8, 8, 64, 0
 UPSCALE = 2  # test images are shown 2x larger: boxes must come back in the input image's pixels
 
 
@@ -197,7 +199,7 @@ def train_circle_detector(folder: Path, steps: int = TRAIN_STEPS, seed: int = TR
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> Path:
-    """A tiny DETR that learned to find circles (about 1-2 minutes on 2 cores)."""
+    """A tiny DETR that learned to find circles (about 2-3 minutes on 2 cores)."""
     return train_circle_detector(tmp_path_factory.mktemp("trained_model"))
 
 

@@ -99,6 +99,34 @@ def check_finite_outputs(logits: torch.Tensor, pred_boxes: torch.Tensor, what: s
                          "(no detection or metric of these outputs would mean anything)")
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (/proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(*paths: str | os.PathLike) -> None:
+    """Give each file of ``paths`` (a folder: every file under it) the mode a plain ``open(path, "w")`` gives,
+    ``0o666 & ~umask`` (0644 under umask 022).
+
+    For files written by a library through a private temporary file: safetensors' ``save_file`` (so
+    ``save_pretrained`` and accelerate's ``save_state``) leaves 0600 whatever the umask, which other users of a
+    shared run folder cannot read. Call it on what was just written.
+    """
+    mode = 0o666 & ~current_umask()
+    for path in map(Path, paths):
+        for file in (path.rglob("*") if path.is_dir() else [path]):
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, mode)
+
+
 def debug_requested(argv: list[str] | None = None) -> bool:
     """True with ``--debug`` on the command line or ``DETR_CUSTOM_DEBUG=1`` in the environment."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in (sys.argv[1:] if argv is None else argv)
@@ -117,4 +145,4 @@ def run_cli(main: Callable[[], Any]) -> None:
 
 
 __all__ = ["read_json", "make_output_folder", "load_checked", "check_finite_weights", "check_finite_outputs",
-           "debug_requested", "run_cli"]
+           "current_umask", "follow_umask", "debug_requested", "run_cli"]

@@ -10,6 +10,7 @@ an options object after that.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -266,6 +267,87 @@ def validate_train_args(args: TrainArguments) -> None:
     weights = str(args.backbone_weights)
     if weights not in ("timm", "none") and not Path(weights).is_file():
         raise ValueError(f"--backbone_weights must be 'timm', 'none' or a weights file; {weights!r} is not a file")
+
+
+# ----------------------------------------------------------------------------- a resume against its run's options
+
+SYNTHETIC_OPTIONS = tuple(f"synthetic_{k}" for k in SYNTHETIC_DEFAULTS)
+# What a run trains on and what it is. A resume with another value would continue a different run under the same
+# records (training_args.json, metrics.jsonl, the checkpoints), so it is refused. --ema_decay is one of them only
+# when it switches the average on or off (`resume_changes`).
+RUN_DEFINING_OPTIONS = (*DATA_SOURCES, *SYNTHETIC_OPTIONS, "contiguous_labels", "train_split", "max_train_samples",
+                        "model_config", "config_overrides", "model_name_or_path", "backbone_weights", "image_size",
+                        "max_size", "augmentation")
+# Used from the resumed step on and logged as a WARNING: the steps from there differ from an uninterrupted run's.
+TRAJECTORY_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                      "backbone_learning_rate", "weight_decay", "max_grad_norm", "lr_drop_epochs", "warmup_steps",
+                      "seed", "ema_decay", "ema_warmup_steps", "mixed_precision", "full_decode_check", "eval_split",
+                      "max_eval_samples")
+# How this invocation runs, not what the run is: never compared.
+INVOCATION_OPTIONS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "debug")
+
+
+@dataclass(frozen=True)
+class OptionChange:
+    """An option whose value at a resume differs from the run's record; ``warn``: it changes the trajectory."""
+
+    name: str
+    saved: Any
+    new: Any
+    warn: bool
+
+    def __str__(self) -> str:
+        return f"--{self.name} {shown(self.saved)} -> {shown(self.new)}"
+
+
+def options_json(args: TrainArguments) -> dict[str, Any]:
+    """The options as ``training_args.json`` holds them (JSON types)."""
+    return json.loads(json.dumps(dataclasses.asdict(args), default=str))
+
+
+def resume_changes(saved: dict[str, Any], args: TrainArguments, where: str) -> list[OptionChange]:
+    """The options of a resume (``args``, resolved) that differ from ``saved``, the run's training_args.json
+    (``where`` names it in messages). Raises ValueError naming the first run-defining option that differs, its saved
+    value and the new one; returns the other changes, to be logged. Options the record lacks (an older version's
+    file) are not compared."""
+    new_record = options_json(args)
+    old, new = comparable(saved), comparable(new_record)
+    changes = []
+    for name in new_record:
+        if name in INVOCATION_OPTIONS or name not in old or old[name] == new[name]:
+            continue
+        switches_ema = name == "ema_decay" and (old[name] is None) != (new[name] is None)
+        if name in RUN_DEFINING_OPTIONS or switches_ema:
+            what = "switch the moving average of the weights on or off" if switches_ema else \
+                "change the data, the model or how the images are prepared"
+            raise ValueError(f"cannot resume with --{name} {shown(new_record[name])}: the run used --{name} "
+                             f"{shown(saved[name])} ({where}), and a resume cannot {what}; resume with the run's "
+                             f"--{name}, or start a new run in another --output_dir")
+        changes.append(OptionChange(name, saved[name], new_record[name], name in TRAJECTORY_OPTIONS))
+    return changes
+
+
+def shown(value: Any) -> str:
+    return "unset" if value is None else str(value)
+
+
+def comparable(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with equal meanings made equal: the synthetic settings with their defaults (ignored when another
+    dataset is used), ``--config_overrides`` as a mapping, existing paths resolved."""
+    out = dict(record)
+    uses_synthetic = not any(out.get(k) for k in DATA_SOURCES)
+    for key, default in SYNTHETIC_DEFAULTS.items():
+        name = f"synthetic_{key}"
+        if name in out:
+            out[name] = (default if out[name] is None else out[name]) if uses_synthetic else None
+    if out.get("config_overrides"):  # "a=1, b=2" == "b=2,a=1"; the last of a repeated key wins, as in transformers
+        pairs = (item.partition("=") for item in str(out["config_overrides"]).split(","))
+        out["config_overrides"] = sorted({k.strip(): v.strip() for k, _, v in pairs if k.strip()}.items())
+    for name in ("coco_dir", "dataset_path", "yolo_dir", "model_name_or_path", "model_config", "backbone_weights"):
+        value = out.get(name)
+        if isinstance(value, str) and value not in MODEL_PRESETS and Path(value).expanduser().exists():
+            out[name] = str(Path(value).expanduser().resolve())
+    return out
 
 
 @dataclass(frozen=True)

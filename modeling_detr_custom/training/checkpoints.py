@@ -7,11 +7,14 @@ states of every process) and ``training_state.json`` (`TrainState`), written las
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +22,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from ..checks import make_output_folder, read_json
-from ..outputs import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, RUN_FILES, TRAINING_STATE_FILE
+from ..checks import follow_umask, make_output_folder, read_json
+from ..outputs import ARGS_FILE, CHECKPOINT_PREFIX, CHECKPOINTS_DIR, RUN_FILES, TRAINING_STATE_FILE
+from .arguments import OptionChange, TrainArguments, resume_changes
+from .factories import exception_chain
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +93,9 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, total
     """`accelerator.save_state` into ``checkpoints/checkpoint-<step>``, atomically.
 
     Everything is written to a temporary folder that is renamed once complete, so a crash or a
-    kill during saving never leaves a checkpoint that `latest` would pick. Then only the newest
-    ``total_limit`` checkpoints are kept. Every process must call this.
+    kill during saving never leaves a checkpoint that `latest` would pick; a failed write (a full disk) deletes it.
+    Its files get the umask's permissions (safetensors writes 0600). Then only the newest ``total_limit``
+    checkpoints are kept. Every process must call this.
 
     ``saved``: the checkpoint this run last wrote or resumed from. When it is this step's folder there is
     nothing to write (a step and an epoch checkpoint coincide); any other folder of that name is stale (left
@@ -106,12 +112,19 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, total
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            follow_umask(tmp)
+            state.save(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    except BaseException:
+        if accelerator.is_main_process:  # a partial checkpoint only takes the space a resume may need
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        state.save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         rotate_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
@@ -173,6 +186,110 @@ def check_rng_state(path: Path, process_index: int) -> None:
         logger.warning("the resume from %s is NOT exact: %s cannot be read (%s); the weights, optimizer, step and "
                        "data order are restored, but random draws (dropout) differ from an uninterrupted run",
                        path, file, problem)
+
+
+def check_resume_options(args: TrainArguments, checkpoint: Path) -> list[OptionChange]:
+    """Compare a resume's options with the training_args.json of the run that wrote ``checkpoint``
+    (`arguments.resume_changes`): ValueError on a run-defining change, else the changes to log. A record that is
+    missing or unreadable is a warning: nothing to compare with."""
+    record = checkpoint.resolve().parent.parent / ARGS_FILE
+    try:
+        saved = read_json(record)
+    except (OSError, ValueError) as err:
+        logger.warning("the options of this resume cannot be checked against its run's: %s (%s)", record,
+                       getattr(err, "strerror", None) or err)
+        return []
+    if not isinstance(saved, dict):
+        logger.warning("the options of this resume cannot be checked: %s holds no mapping of options", record)
+        return []
+    return resume_changes(saved, args, str(record))
+
+
+# ----------------------------------------------------------------------------- writes that fail (disk full, ...)
+
+# What torch.save (its zip writer) and safetensors say when the OS refuses a write; torch's says no errno.
+WRITE_FAILURE_MARKERS = ("unexpected pos", "basic_ios::clear", "file write failed", "PytorchStreamWriter failed",
+                         "No space left", "Disk quota exceeded", "Read-only file system", "Permission denied")
+MESSAGE_ERRNOS = {"No space left": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+LOW_SPACE_BYTES = 1 << 20  # less than this free where a write failed: the disk is full
+
+
+class RunWriteError(ValueError):
+    """A file of the run could not be written: ``what`` (e.g. "the checkpoint"), the path, the OS reason."""
+
+    def __init__(self, what: str, path: Path, code: int | None, detail: str) -> None:
+        self.what, self.path, self.code, self.detail = what, path, code, detail
+        super().__init__(f"cannot write {what} {path}: {self.reason}")
+
+    @property
+    def reason(self) -> str:
+        if self.code is None:
+            return f"the write failed ({self.detail})"
+        return f"{os.strerror(self.code)} ({errno.errorcode.get(self.code, self.code)})"
+
+    def remedy(self) -> str:
+        if self.code in (errno.ENOSPC, errno.EDQUOT):
+            return "free space"
+        if self.code in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"make {self.path.parent} writable"
+        return "fix that"
+
+    def message(self, last_checkpoint: Path | None, finished: bool = False) -> str:
+        """One line: what failed, why, what is intact and how to go on."""
+        if last_checkpoint is None:
+            return (f"{self}; no checkpoint is complete yet, so nothing of this run can be resumed; {self.remedy()} "
+                    "and start it again with --overwrite_output_dir")
+        if finished:
+            return (f"{self}; training finished and its final state is the complete checkpoint {last_checkpoint}; "
+                    f"{self.remedy()} and rerun with --resume_from_checkpoint latest to write the model and results "
+                    "(no step is trained again)")
+        return (f"{self}; the last complete checkpoint is {last_checkpoint}; {self.remedy()} and resume with "
+                "--resume_from_checkpoint latest")
+
+
+def write_failure(err: BaseException, what: str, path: Path) -> RunWriteError | None:
+    """``err`` as a `RunWriteError` when the OS refused a write (an OSError, or torch's and safetensors' messages
+    of one), else None. torch's zip writer says no errno: the free space where it wrote tells a full disk."""
+    chain = exception_chain(err)
+    for cause in chain:
+        if isinstance(cause, OSError) and cause.errno:
+            return RunWriteError(what, Path(cause.filename or path), cause.errno, cause.strerror or str(cause))
+    text = " | ".join(" ".join(str(c).split()) for c in chain)
+    if not (isinstance(err, (RuntimeError, SafetensorError)) and
+            (any(m in text for m in WRITE_FAILURE_MARKERS) or "IoError" in text)):
+        return None
+    found = re.search(r"\bcode: (\d+)", text)  # safetensors: IoError(Os { code: 28, kind: StorageFull, ... })
+    code = int(found.group(1)) if found else next((c for m, c in MESSAGE_ERRNOS.items() if m in text), None)
+    if code is None and free_bytes(path) < LOW_SPACE_BYTES:
+        code = errno.ENOSPC
+    return RunWriteError(what, path, code, text[:200])
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free to this user on the file system of ``path`` (its nearest existing folder); large if unknown."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                break
+    return 1 << 62
+
+
+@contextmanager
+def writing(what: str, path: Path) -> Iterator[None]:
+    """Turn a write the OS refuses inside the block into a `RunWriteError` naming ``what`` and ``path`` (or the
+    file the OSError names); anything else passes unchanged."""
+    try:
+        yield
+    except RunWriteError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as err:
+        failure = write_failure(err, what, path)
+        if failure is None:
+            raise
+        raise failure from err
 
 
 # ----------------------------------------------------------------------------- a previous run in output_dir

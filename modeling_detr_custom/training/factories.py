@@ -147,11 +147,13 @@ def apply_config_overrides(config: DetrCustomConfig, overrides: str | None) -> N
     config.validate_detr()
 
 
-def create_model(args: TrainArguments, data: DetectionData) -> DetrCustomForObjectDetection:
+def create_model(args: TrainArguments, data: DetectionData, resuming: bool = False) -> DetrCustomForObjectDetection:
     """A fresh model (preset + overrides, ImageNet backbone per ``--backbone_weights``) or
     ``--model_name_or_path`` with the dataset's label set (class head replaced if it differs).
 
     The config records the dataset's label -> category id mapping and ``contiguous_labels`` for evaluation.
+    ``resuming``: a checkpoint replaces every weight next, so the backbone weights are not loaded (a resume then
+    needs no network).
     """
     id2label = {int(k): str(v) for k, v in data.label_mapping.id2label.items()}
     facts = dict(label_to_category_id=dict(data.label_mapping.label_to_category_id),
@@ -161,12 +163,71 @@ def create_model(args: TrainArguments, data: DetectionData) -> DetrCustomForObje
     config = DetrCustomConfig(**model_config_kwargs(args.model_config), id2label=id2label, **facts)
     apply_config_overrides(config, args.config_overrides)
     model = DetrCustomForObjectDetection(config)
-    if args.backbone_weights != "none":
-        # "timm" downloads the ImageNet weights of config.backbone; a path loads a local file
-        model.load_pretrained_backbone(None if args.backbone_weights == "timm" else args.backbone_weights)
-    else:
+    if args.backbone_weights == "none":
         revive_zero_init_batch_norms(model)
+    elif resuming:
+        logger.info("resuming: the backbone's weights come from the checkpoint (--backbone_weights %s not loaded)",
+                    args.backbone_weights)
+    else:
+        load_backbone_weights(model, args.backbone_weights)
     return model
+
+
+def load_backbone_weights(model: DetrCustomForObjectDetection, weights: str) -> None:
+    """``--backbone_weights timm`` (the ImageNet weights of ``config.backbone``, fetched from the Hub by timm) or a
+    local file; weights that cannot be fetched are one ValueError line with the ways out."""
+    if weights != "timm":
+        model.load_pretrained_backbone(weights)
+        return
+    try:
+        model.load_pretrained_backbone(None)
+    except Exception as err:  # noqa: BLE001 - huggingface_hub / httpx / OSError: which one depends on the failure
+        if not is_fetch_failure(err):
+            raise
+        raise ValueError(f"--backbone_weights timm: the ImageNet weights of the backbone {model.config.backbone!r} "
+                         f"({timm_weights_name(model.config.backbone)} on the Hugging Face Hub) cannot be fetched: "
+                         f"{fetch_failure_reason(err)}; give a local weights file with --backbone_weights PATH, train "
+                         "the backbone from scratch with --backbone_weights none, or fetch them once while online "
+                         "(timm caches them in HF_HOME)") from None
+
+
+def is_fetch_failure(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a download that failed: offline mode, no cache entry, no network."""
+    for cause in exception_chain(err):
+        if isinstance(cause, (OSError, ConnectionError, TimeoutError)):
+            return True
+        if type(cause).__module__.split(".")[0] in ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3"):
+            return True
+    return False
+
+
+def fetch_failure_reason(err: BaseException) -> str:
+    """Offline mode when that is the cause (HF_HUB_OFFLINE), else the first line of the deepest error."""
+    chain = exception_chain(err)
+    if any(type(c).__name__ == "OfflineModeIsEnabled" for c in chain):
+        return "offline mode is on (HF_HUB_OFFLINE=1) and they are not in the local cache"
+    deepest = chain[-1]
+    return f"{type(deepest).__name__}: {(str(deepest).splitlines() or [''])[0][:200]}"
+
+
+def exception_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and what caused it (``raise ... from`` or raised while handling), outermost first."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def timm_weights_name(backbone: str) -> str:
+    """The Hub repo timm fetches the default weights of ``backbone`` from, e.g. timm/resnet50.a1_in1k."""
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(backbone)
+        return getattr(cfg, "hf_hub_id", None) or f"timm's {backbone}"
+    except Exception:  # noqa: BLE001 - only for the message
+        return f"timm's {backbone}"
 
 
 def revive_zero_init_batch_norms(model: torch.nn.Module) -> int:

@@ -19,7 +19,7 @@ from ..data import DetectionData, metric_references, without_image_decoding
 from ..image_processing_detr_custom import DetrCustomImageProcessor
 from ..outputs import LOGS_DIR
 from .arguments import TrainArguments
-from .checkpoints import TrainState, load_checkpoint, resolve_checkpoint
+from .checkpoints import TrainState, load_checkpoint, writing
 from .ema import ModelEMA
 from .factories import (
     create_model,
@@ -34,6 +34,14 @@ from .factories import (
 from .monitor import LossWatch, MetricsLogger, RunningLoss
 
 logger = logging.getLogger(__name__)
+
+
+class RunMetrics(MetricsLogger):
+    """`MetricsLogger` whose failed writes (a full disk) are one `checkpoints.RunWriteError` naming metrics.jsonl."""
+
+    def log(self, metrics: Any, step: int) -> None:
+        with writing("the metrics", self.path):
+            super().log(metrics, step)
 
 
 @dataclass
@@ -128,8 +136,9 @@ def load_splits(args: TrainArguments, data: DetectionData) -> tuple[datasets.Dat
     return train_ds, eval_ds, train_split, eval_split
 
 
-def setup(args: TrainArguments) -> Job:
-    """Accelerator, data, model, optimizer, loaders (prepared), resume. Every process calls it."""
+def setup(args: TrainArguments, checkpoint: Path | None = None) -> Job:
+    """Accelerator, data, model, optimizer, loaders (prepared), and the resume from ``checkpoint`` (the resolved
+    ``--resume_from_checkpoint``; None: a fresh start). Every process calls it."""
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(args)
@@ -144,7 +153,7 @@ def setup(args: TrainArguments) -> Job:
         data = load_data(args, args.contiguous_labels)
     for split, report in data.report.items():
         logger.info("data %s: %s", split, {k: v for k, v in report.items() if v})
-    model = create_model(args, data)
+    model = create_model(args, data, resuming=checkpoint is not None)
     processor = make_image_processor(args)
     train_ds, eval_ds, train_split, eval_split = load_splits(args, data)
     train_loader = make_train_dataloader(args, train_ds, processor, train_split)
@@ -164,19 +173,17 @@ def setup(args: TrainArguments) -> Job:
     job.state.num_processes = accelerator.num_processes
     job.state.total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * \
         args.gradient_accumulation_steps
-    job.metrics = MetricsLogger(accelerator, output_dir)
+    job.metrics = RunMetrics(accelerator, output_dir)
     if args.ema_decay:
         job.ema = ModelEMA(accelerator.unwrap_model(model), args.ema_decay, args.ema_warmup_steps)
         accelerator.register_for_checkpointing(job.ema)  # saved and loaded with every checkpoint
-    resume(job)
+    if checkpoint is not None:
+        resume(job, checkpoint)
     return job
 
 
-def resume(job: Job) -> None:
-    """Load ``--resume_from_checkpoint`` (model, optimizer, RNG states, accelerate's step) and the state."""
-    path = resolve_checkpoint(job.args.resume_from_checkpoint, job.output_dir)
-    if path is None:
-        return
+def resume(job: Job, path: Path) -> None:
+    """Load the checkpoint ``path`` (model, optimizer, RNG states, accelerate's step) and the state."""
     load_checkpoint(job.accelerator, job.optimizer, path)
     saved = TrainState.load(path)
     if (saved.num_processes, saved.total_batch_size) != (job.state.num_processes, job.state.total_batch_size):

@@ -8,23 +8,44 @@ scaler's inf check adds one per step.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..checks import follow_umask, make_output_folder
 from ..coco_metric import STAT_NAMES
 from ..curves import plot_training_curves
-from ..outputs import ARGS_FILE, CURVES_FILE, METRICS_FILE, PICTURE_FILE, RESULTS_FILE
-from .arguments import TrainArguments, resolve_options
-from .checkpoints import delete_previous_run, previous_run_files, save_checkpoint
+from ..folder_lock import hold_folder, is_main_rank
+from ..outputs import (
+    ARGS_FILE,
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    CURVES_FILE,
+    METRICS_FILE,
+    PICTURE_FILE,
+    RESULTS_FILE,
+    WEIGHTS_FILE,
+)
+from .arguments import OptionChange, TrainArguments, options_json, resolve_options
+from .checkpoints import (
+    RunWriteError,
+    check_resume_options,
+    checkpoint_step,
+    delete_previous_run,
+    previous_run_files,
+    resolve_checkpoint,
+    save_checkpoint,
+    writing,
+)
 from .evaluation import evaluate_coco, save_detection_picture
 from .factories import lr_factor, set_learning_rates
 from .job import Job, setup
@@ -148,8 +169,10 @@ def evaluate(job: Job, final: bool = False) -> dict[str, float] | None:
 
 def save_job_checkpoint(job: Job) -> None:
     """`save_checkpoint` of the job's current state (once per step); it becomes ``job.last_checkpoint``."""
-    job.last_checkpoint = save_checkpoint(job.accelerator, job.output_dir, job.state, job.args.checkpoints_total_limit,
-                                          job.last_checkpoint)
+    folder = job.output_dir / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{job.state.global_step}"
+    with writing("the checkpoint", folder):
+        job.last_checkpoint = save_checkpoint(job.accelerator, job.output_dir, job.state,
+                                              job.args.checkpoints_total_limit, job.last_checkpoint)
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -250,29 +273,47 @@ def save_final(job: Job, eval_result: dict[str, float] | None, runtime: float) -
     })
     if acc.is_main_process:
         model = acc.unwrap_model(evaluated_model(job))
-        model.save_pretrained(job.output_dir)
+        out = job.output_dir
+        with writing("the final model", out / WEIGHTS_FILE):
+            model.save_pretrained(out)
+            follow_umask(*out.glob("model*.safetensors"))  # safetensors writes 0600: readable as any file of the run
         type(job.processor).register_for_auto_class("AutoImageProcessor")
-        job.processor.save_pretrained(job.output_dir)
-        (job.output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        with writing("the image processor", out):
+            job.processor.save_pretrained(out)
+        with writing("the results", out / RESULTS_FILE):
+            write_text_atomic(out / RESULTS_FILE, json.dumps(results, indent=2))
         if job.eval_dataset is not None and args.picture_images > 0:
-            save_detection_picture(model, job.processor, job.eval_dataset, job.output_dir / PICTURE_FILE,
-                                   args.picture_images)
-        plot_training_curves(job.output_dir / METRICS_FILE, job.output_dir / CURVES_FILE,
-                             title=f"{job.output_dir.name} ({args.model_config})")
+            with writing("the detections picture", out / PICTURE_FILE):
+                save_detection_picture(model, job.processor, job.eval_dataset, out / PICTURE_FILE,
+                                       args.picture_images)
+        with writing("the training curves", out / CURVES_FILE):
+            plot_training_curves(out / METRICS_FILE, out / CURVES_FILE, title=f"{out.name} ({args.model_config})")
     acc.wait_for_everyone()
     return results
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part: written beside it, then renamed. The run holds
+    its folder (`folder_lock`), so one fixed temporary name is enough."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def options_record(args: TrainArguments) -> dict[str, Any]:
     """``training_args.json``: the resolved options, exactly as the run uses them."""
-    return dataclasses.asdict(args)
+    return options_json(args)
 
 
 def start(job: Job) -> None:
     """Record the options, log the plan, start the trackers."""
     acc, args = job.accelerator, job.args
     if acc.is_main_process:
-        (job.output_dir / ARGS_FILE).write_text(json.dumps(options_record(args), indent=2, default=str))
+        with writing("the options record", job.output_dir / ARGS_FILE):  # a resume keeps the old one on failure
+            write_text_atomic(job.output_dir / ARGS_FILE, json.dumps(options_record(args), indent=2))
         logger.info("%d process(es) on %s, mixed precision %s; %d steps (%d per epoch, %d epochs); total batch %d",
                     acc.num_processes, acc.device, acc.mixed_precision, job.max_steps, job.steps_per_epoch,
                     math.ceil(job.max_steps / job.steps_per_epoch), job.state.total_batch_size)
@@ -284,15 +325,53 @@ def start(job: Job) -> None:
 def run_training(args: TrainArguments) -> dict[str, Any]:
     """The whole job; returns the final results (``all_results.json``).
 
+    The run holds its output folder throughout (`folder_lock.hold_folder`, the main process): a second run into it
+    is refused before it looks at the folder, so two runs started together cannot both find it free.
+
     Raises NonFiniteLossError when the loss stops being finite; exits via SystemExit(128 + signal)
-    after checkpointing when SIGTERM/SIGINT arrive.
+    after checkpointing when SIGTERM/SIGINT arrive. A write the OS refuses (a full disk) is one ValueError line
+    saying what is intact.
     """
     args = resolve_options(args)
+    folder = make_output_folder(args.output_dir, "--output_dir")
+    with hold_folder(folder, "train.py", enabled=is_main_rank()):
+        return run_in_held_folder(args)
+
+
+def run_in_held_folder(args: TrainArguments) -> dict[str, Any]:
+    """`run_training` once the output folder is held: a previous run, the resume's options, setup, fit, save."""
     previous = previous_run_files(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-    job = setup(args)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    changes = check_resume_options(args, checkpoint) if checkpoint is not None else []
+    job = setup(args, checkpoint)
+    log_option_changes(job, changes)
     if previous:
         delete_previous_run(job.accelerator, job.output_dir, previous)
-    start(job)
+    try:
+        start(job)
+        return train_and_save(job)
+    except RunWriteError as err:
+        job.accelerator.end_training()
+        last = job.last_checkpoint
+        finished = last is not None and checkpoint_step(last) == job.state.global_step >= job.max_steps
+        raise ValueError(err.message(last, finished)) from err
+
+
+def log_option_changes(job: Job, changes: list[OptionChange]) -> None:
+    """The options a resume changed, as training_args.json will now record them: trajectory changes as a WARNING."""
+    if not changes or not job.accelerator.is_main_process:
+        return
+    warned = [str(c) for c in changes if c.warn]
+    if warned:
+        logger.warning("resuming at step %d with options changed from the run's (used from this step on and recorded "
+                       "in %s): %s", job.state.global_step, ARGS_FILE, ", ".join(warned))
+    others = [str(c) for c in changes if not c.warn]
+    if others:
+        logger.info("resuming with settings changed from the run's: %s", ", ".join(others))
+
+
+def train_and_save(job: Job) -> dict[str, Any]:
+    """Fit, then the final evaluation and save."""
     stop = StopRequest().install()
     began = time.perf_counter()
     try:

@@ -183,8 +183,39 @@ def fold_frozen_batch_norms(body: nn.Module) -> int:
     return count
 
 
+def undo_zero_init_of_frozen_batch_norms(body: nn.Module) -> int:
+    """Set back to 1 the BatchNorm scales that timm's `zero_init_last` set to 0, in place; returns how many.
+
+    timm zero-initialises the last BatchNorm of every residual block (`zero_init_last`, e.g. `bn3` of a ResNet
+    Bottleneck) so that the block starts as the identity and that BatchNorm then learns its scale. It can only do
+    so where the BatchNorm trains: frozen (as every BatchNorm of `DetrCustomBackbone` is), a scale of 0 stays 0,
+    with no gradient to the branch before it, and the residual branch is dead for good. So every BatchNorm about
+    to be frozen gets PyTorch's BatchNorm init (scale 1) instead, what `_init_weights` gives a backbone missing
+    from a checkpoint. Only scales that are exactly 0 inside a block with a `zero_init_last` method are touched (a
+    fresh BatchNorm's scale is 1, pretrained ones are loaded after construction); no random number is drawn, so
+    every other value of a model built under a seed is unchanged. Tensors on the meta device are left to
+    `_init_weights`.
+    """
+    count = 0
+    for block in body.modules():
+        if not callable(getattr(block, "zero_init_last", None)):
+            continue
+        for norm in block.modules():
+            weight = getattr(norm, "weight", None)
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm) and weight is not None and not weight.is_meta \
+                    and weight.numel() and not bool(weight.any()):
+                with torch.no_grad():
+                    weight.fill_(1.0)
+                count += 1
+    return count
+
+
 class DetrCustomBackbone(nn.Module):
     """timm CNN with every BatchNorm frozen (statistics and affine as buffers).
+
+    A random backbone is timm's init except for the residual blocks' last BatchNorm, which timm zero-initialises
+    for a BatchNorm that trains: frozen here, it starts at scale 1 (`undo_zero_init_of_frozen_batch_norms`), so
+    that every residual branch trains, as `_init_weights` initialises it.
 
     With `freeze_backbone_stem`, the stem and first stage get no gradient, as in the original.
 
@@ -203,6 +234,7 @@ class DetrCustomBackbone(nn.Module):
         super().__init__()
         body = create_timm_backbone(config)
         self.first_stage = body.feature_info.info[1]["module"].replace(".", "_")
+        undo_zero_init_of_frozen_batch_norms(body)  # every BatchNorm is frozen on the next line
         self.body = freeze_batch_norm_2d(body)
         self.num_channels = body.feature_info.channels()[-1]
         self.channels_last = config.backbone_channels_last

@@ -15,9 +15,11 @@ tests/test_modeling_common.py, written for this model with a tiny-config model t
 - the pipeline loads a remote-code folder without logging an error.
 """
 
+import copy
 import dataclasses
 import json
 import logging
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.layers.norm_act import FrozenBatchNorm2d
 from torch import nn
-from transformers import AttentionInterface, DetrConfig, ImagesKwargs, pipeline
+from transformers import AttentionInterface, DetrConfig, ImagesKwargs, PreTrainedModel, pipeline, set_seed
 from transformers.models.detr.modeling_detr import DetrModelOutput, DetrObjectDetectionOutput
 
 from modeling_detr_custom import (
@@ -252,6 +254,77 @@ def test_meta_device_model_gets_proper_values_from_init_weights():
 def test_from_pretrained_without_weights_initialises_everything():
     model = DetrCustomForObjectDetection.from_pretrained(None, config=tester.get_config(), state_dict={})
     assert_properly_initialised(model)
+
+
+@contextmanager
+def wrapped_initialize_weights(wrap):
+    """Replace `PreTrainedModel._initialize_weights` (which runs `_init_weights` on one module) by `wrap(original)`
+    for the block, as transformers' `seeded_weight_init` / `skip_weight_init` test helpers do."""
+    original = PreTrainedModel._initialize_weights
+    PreTrainedModel._initialize_weights = wrap(original)
+    try:
+        yield
+    finally:
+        PreTrainedModel._initialize_weights = original
+
+
+def seeded(original):
+    def initialize(*args, **kwargs):
+        set_seed(42)
+        original(*args, **kwargs)
+    return initialize
+
+
+def skipped(original):
+    return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES, ids=lambda c: c.__name__)
+def test_init_weights_can_init_buffers(model_class):
+    """transformers' test of the same name: the buffers a model is constructed with (without `_init_weights`) are
+    those `init_weights()` gives a model built on the meta device, exactly. Among them the frozen BatchNorms'
+    scales, which timm zero-initialises in each residual block's last BatchNorm (for a BatchNorm that trains)."""
+    config = tester.get_config()
+    with wrapped_initialize_weights(skipped):
+        from_init = model_class(copy.deepcopy(config))
+    with torch.device("meta"):
+        from_meta = model_class(copy.deepcopy(config))
+    from_meta.to_empty(device="cpu")
+    from_meta.init_weights()
+    buffers, meta_buffers = dict(from_init.named_buffers()), dict(from_meta.named_buffers())
+    assert sorted(buffers) == sorted(meta_buffers)
+    assert [name for name, value in buffers.items() if not torch.equal(value, meta_buffers[name])] == []
+
+
+@pytest.mark.parametrize("model_class", MODEL_CLASSES, ids=lambda c: c.__name__)
+def test_can_init_all_missing_weights(model_class):
+    """transformers' test of the same name: with the same seed before every `_init_weights` call, a model from
+    `__init__` and one from `from_pretrained` with no weights at all (every tensor initialised by `_init_weights`)
+    hold the same values, none left on the meta device.
+
+    As transformers' test exempts the weights of a timm backbone (timm draws them at construction, which the
+    seeding of `_init_weights` does not reach), the random convolution weights of the timm body are compared by
+    their distribution (timm's kaiming normal, fan_out) instead; every other tensor, the frozen BatchNorms' included,
+    must be equal."""
+    config = tester.get_config()
+    with wrapped_initialize_weights(seeded):
+        from_init = model_class(copy.deepcopy(config))
+        from_pretrained = model_class.from_pretrained(None, config=copy.deepcopy(config), state_dict={})
+    on_meta = [name for name, t in (*from_pretrained.named_parameters(), *from_pretrained.named_buffers()) if t.is_meta]
+    assert on_meta == []
+    state, loaded_state = from_init.state_dict(), from_pretrained.state_dict()
+    assert sorted(state) == sorted(loaded_state)
+    prefix = "backbone.body." if model_class is DetrCustomModel else "model.backbone.body."
+    body = from_init.get_submodule(prefix.rstrip("."))
+    timm_drawn = {f"{prefix}{name}.weight" for name, m in body.named_modules() if isinstance(m, nn.Conv2d)}
+    assert [name for name, value in state.items()
+            if name not in timm_drawn and not torch.equal(value, loaded_state[name])] == []
+    for name in timm_drawn:
+        weight = state[name]
+        if weight.numel() >= 512:  # enough samples for the std
+            expected = (2 / (weight.shape[0] * weight.shape[2] * weight.shape[3])) ** 0.5
+            for value in (weight, loaded_state[name]):
+                assert 0.75 < value.std().item() / expected < 1.25, name
 
 
 def randomised_model() -> DetrCustomForObjectDetection:

@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 from conftest import padded_batch, random_labels, tiny_config
+from timm.layers.norm_act import FrozenBatchNorm2d
 from torch import nn
 
 from modeling_detr_custom import DetrCustomConfig, DetrCustomForObjectDetection, DetrCustomModel
@@ -156,19 +157,43 @@ def test_base_model_loads_from_a_detector_checkpoint(tmp_path, model):
 
 
 def test_init_leaves_the_timm_backbone_as_timm_made_it(config):
-    """_init_weights touches only our modules: the backbone equals a timm model built from the same seed."""
-    torch.manual_seed(7)
-    reference = timm.create_model(config.backbone, features_only=True, pretrained=False, out_indices=(-1,))
+    """_init_weights touches only our modules: the backbone equals a timm model built from the same seed with
+    `zero_init_last=False` (timm zero-initialises each residual block's last BatchNorm for a BatchNorm that trains;
+    every one here is frozen, so they start at scale 1), and differs from timm's default only in those scales."""
+    references = {}
+    for zero_init_last in (False, True):
+        torch.manual_seed(7)
+        references[zero_init_last] = timm.create_model(config.backbone, features_only=True, pretrained=False,
+                                                        out_indices=(-1,), zero_init_last=zero_init_last).state_dict()
     torch.manual_seed(7)
     model = DetrCustomModel(config)
     ours = model.backbone.body.state_dict()
-    for name, value in reference.state_dict().items():
+    for name, value in references[False].items():
         if not name.endswith("num_batches_tracked"):
             assert torch.equal(ours[name], value), name
+    zeroed = [name for name, value in references[True].items() if not torch.equal(value, references[False][name])]
+    assert zeroed and all(name.endswith(".weight") and not references[True][name].any() for name in zeroed)
     backbone_before = {k: v.clone() for k, v in ours.items()}
     for module in model.backbone.modules():
         model._init_weights(module)
     assert all(torch.equal(backbone_before[k], v) for k, v in model.backbone.body.state_dict().items())
+
+
+def test_a_random_backbone_trains_every_residual_branch(config):
+    """timm's zero scale of each residual block's last BatchNorm, frozen, would stay 0: no gradient would ever
+    reach the convolutions of that branch. Built from scratch, every frozen BatchNorm is the identity's scale 1 and
+    every convolution of the trainable stages gets a gradient."""
+    model = DetrCustomForObjectDetection(config).train()
+    body = model.model.backbone.body
+    scales = {name: m.weight for name, m in body.named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert scales and all(torch.equal(s, torch.ones_like(s)) for s in scales.values()), \
+        [name for name, s in scales.items() if not torch.equal(s, torch.ones_like(s))]
+    pixel_values, pixel_mask = padded_batch()
+    model(pixel_values, pixel_mask, labels=random_labels([2, 1])).loss.backward()
+    convs = {name: m for name, m in body.named_modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad}
+    assert len(convs) >= 6
+    dead = [name for name, m in convs.items() if m.weight.grad is None or not m.weight.grad.any()]
+    assert dead == []
 
 
 def test_init_is_the_originals(config):

@@ -4,38 +4,48 @@ The layout (what ultralytics trains on)::
 
     yolo_dir/
       data.yaml               names: [circle, square] (or {0: circle, 1: square}); train: images/train; val: ...
-      images/train/a.jpg ...  one folder per split (train, val, optional test)
-      labels/train/a.txt ...  one "class cx cy w h" line per box, normalised to [0, 1] by the image size
+      images/train/a.jpg ...  one folder per split (train, val, optional test), images at any depth
+      labels/train/a.txt ...  the same tree: one "class cx cy w h" line per box, normalised to [0, 1]
 
 Split paths are relative to the yaml's ``path:`` key when it has one (itself relative to the yaml's folder),
 else to the yaml's folder; a ``../x`` path that does not exist is also tried as ``x`` (Roboflow exports), as
-ultralytics does. Labels are found by ultralytics' rule: the last ``images`` folder of the image path becomes
-``labels`` (without one, the ``.txt`` files sit beside the images). Images are the files of the split folder
-itself (not its subfolders), sorted by name; ``image_id`` is the position in that order, from 1.
+ultralytics does. A split is an image folder, a ``.txt`` file listing image paths (one a line; ``./x`` is relative
+to the list's folder, as ultralytics reads it, and so is any relative path found there), or a yaml list of these.
+Images are every image file under a folder at any depth (hidden folders skipped, as ultralytics' glob does), each
+once, sorted by path; ``image_id`` is the position in that order, from 1. Each image's label file is found by
+ultralytics' rule (:func:`label_path_for`): the last ``images`` folder of its path becomes ``labels`` and its
+extension ``.txt`` (without an ``images`` folder, the ``.txt`` file sits beside the image).
 
 Rows are those :func:`.coco.load_coco_folder` gives for the same images and boxes with ``contiguous_labels=True``:
 absolute COCO ``[x, y, w, h]`` pixels, ``category`` = the YOLO class index (names from the yaml, identity
 ``label_to_category_id``), ``area`` = ``w * h`` (YOLO has no masks), ``iscrowd`` 0, ``id`` numbering the box
-lines of the split that pass the checks below, from 1 (as the synthetic COCO files number their annotations).
+lines of the split that are kept, from 1 (as the synthetic COCO files number their annotations).
 The images go through the COCO checks (:mod:`.coco_checks`: missing, corrupt, 16-bit, EXIF), with one
 difference: YOLO labels are normalised in the EXIF-ROTATED frame (ultralytics reads images with the rotation
 applied), so rotated images keep their file and the rotation ``datasets.Image`` applies when decoding, and
 ``width``/``height`` are the rotated size. There is no listed size, hence no size mismatch.
 
-Label lines are checked one by one; what is dropped is counted in the report (:data:`YOLO_REPORT_KEYS`), or with
-``on_bad_data="raise"`` raises ValueError naming the file, the line number and the line:
+Label lines are read as ultralytics reads them:
 
-* not 5 numbers (4 numbers, text, a segmentation polygon, nan) or a class that is not a whole number:
-  ``malformed_label_lines_dropped``;
-* a class outside ``0..K-1`` of the yaml's names: ``class_out_of_range_dropped``;
-* ``cx``, ``cy``, ``w`` or ``h`` outside [0, 1] by more than 1e-6 (typically pixel coordinates):
-  ``box_out_of_range_dropped``. Values in range whose box still sticks out of the image (a box centred near an
-  edge) are clipped to it by the one rule of :mod:`.boxes` and counted as ``boxes_clipped``, as for COCO boxes;
-  corners within 1e-6 of an edge (rounding of the 6-decimal text) are snapped to it and not counted.
+* ``class cx cy w h`` (5 values) is a box; ``class x1 y1 ... xn yn`` (an odd count of at least 7) a segmentation
+  polygon, read as its bounding box (``polygon_labels`` counts them); with a ``kpt_shape: [k, d]`` in the yaml
+  (a pose dataset), a line of ``5 + k * d`` values is a box followed by keypoints, which are dropped;
+* a file that mixes boxes and polygons is refused (ultralytics 8.4 refuses it; earlier versions read its boxes
+  as 2-point polygons, i.e. wrongly), as is any line that is not such a box or polygon: another count of values
+  (an extra confidence column, say), text, nan, a class that is not a whole number in ``0..K-1`` of the yaml's
+  names, or a coordinate outside [0, 1] by more than ultralytics' 1% tolerance (pixel coordinates, typically).
+  These raise ValueError whatever ``on_bad_data`` says, naming the file, the line and what is wrong, and how
+  many lines of the split are like it: such a folder is not in the format read here, and skipping its lines
+  would train on whatever is left;
+* values in range whose box sticks out of the image (within the tolerance, or a box centred near an edge) are
+  clipped to it by the one rule of :mod:`.boxes` and counted as ``boxes_clipped``, as for COCO boxes; corners
+  within 1e-6 of an edge (rounding of the 6-decimal text) are snapped to it and not counted;
+* a line repeating an earlier line of its file is dropped (``duplicate_labels_dropped``), as ultralytics does.
 
 An image without a label file is a negative image (``images_without_label_file``, and
-``images_without_annotations``); a label file without an image is a ``missing_images`` entry (its lines are
-``orphan_annotations_dropped``), except LabelImg's ``classes.txt``. Blank lines are ignored.
+``images_without_annotations``); a label file in a split's label folder without an image is a ``missing_images``
+entry (its lines are ``orphan_annotations_dropped``), except LabelImg's ``classes.txt``. Blank lines and a
+UTF-8 byte-order mark are ignored.
 """
 
 from __future__ import annotations
@@ -62,19 +72,15 @@ logger = logging.getLogger(__name__)
 
 YOLO_REPORT_KEYS: tuple[str, ...] = REPORT_KEYS + (
     "images_without_label_file",  # kept as negatives (also in images_without_annotations)
-    "malformed_label_lines_dropped",  # not "class cx cy w h" with 5 numbers and a whole class
-    "class_out_of_range_dropped",  # class not in 0..K-1 of data.yaml's names
-    "box_out_of_range_dropped",  # cx, cy, w or h outside [0, 1] by more than _TOLERANCE
+    "polygon_labels",  # kept: segmentation polygons, read as their bounding box
+    "duplicate_labels_dropped",  # a line repeating an earlier line of the same file (ultralytics drops them too)
 )
 SPLIT_KEYS: tuple[str, ...] = ("train", "val", "test")
-_TOLERANCE = 1e-6  # normalised units: what 6-decimal text may round past an edge
+_TOLERANCE = 1e-6  # normalised units: what 6-decimal text may round past an edge (snapped, not counted)
+_RANGE_TOLERANCE = 0.01  # ultralytics accepts coordinates within 1% outside [0, 1] (and clips them)
 _NOT_LABELS = ("classes.txt",)  # LabelImg writes the class list beside the labels
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-_LINE_PROBLEMS = {
-    "malformed_label_lines_dropped": "expected 'class cx cy w h': a whole class and 4 finite numbers",
-    "class_out_of_range_dropped": "class not in 0..{last} (the {count} names of data.yaml)",
-    "box_out_of_range_dropped": "cx, cy, w, h must be normalised to [0, 1]",
-}
+_EXPECTED = "expected 5 (class cx cy w h) or a polygon (class x1 y1 ... xn yn)"
 
 
 # ----------------------------------------------------------------------------- data.yaml
@@ -82,11 +88,20 @@ _LINE_PROBLEMS = {
 
 @dataclass
 class YoloSplit:
-    """One split of a YOLO folder: its image folder and its label folder."""
+    """One split of a YOLO folder: its image folders and ``.txt`` image lists, as data.yaml names them."""
 
     name: str
-    image_dir: Path
-    label_dir: Path
+    sources: list[Path]
+
+
+@dataclass
+class YoloConfig:
+    """What a YOLO folder's data.yaml says."""
+
+    raw: bytes  # the file's bytes (part of the cache key)
+    names: list[str]  # class names, indexed by class id
+    splits: dict[str, YoloSplit]
+    keypoint_columns: int | None  # 5 + k * d values on a pose dataset's lines (kpt_shape: [k, d]), else None
 
 
 def _yaml_path(yolo_dir: Path) -> Path:
@@ -99,8 +114,8 @@ def _yaml_path(yolo_dir: Path) -> Path:
     raise ValueError(f"no data.yaml in YOLO folder {yolo_dir}; expected names: and train:/val: image folders")
 
 
-def read_data_yaml(yolo_dir: str | Path) -> tuple[bytes, list[str], dict[str, YoloSplit]]:
-    """(raw bytes, class names, splits) of a YOLO folder's ``data.yaml`` (or of that yaml file itself)."""
+def read_data_yaml(yolo_dir: str | Path) -> YoloConfig:
+    """What a YOLO folder's ``data.yaml`` (or that yaml file itself) says, its split paths resolved."""
     path = _yaml_path(Path(yolo_dir))
     raw = path.read_bytes()
     try:
@@ -113,7 +128,7 @@ def read_data_yaml(yolo_dir: str | Path) -> tuple[bytes, list[str], dict[str, Yo
     splits = {k: _split(root, k, config[k], path) for k in SPLIT_KEYS if config.get(k) is not None}
     if not splits:
         raise ValueError(f"{path}: no split; expected train: and val: image folders (optional test:)")
-    return raw, _class_names(config, path), splits
+    return YoloConfig(raw, _class_names(config, path), splits, _keypoint_columns(config, path))
 
 
 def _class_names(config: dict, path: Path) -> list[str]:
@@ -134,57 +149,139 @@ def _class_names(config: dict, path: Path) -> list[str]:
     return [str(n) for n in names]
 
 
+def _keypoint_columns(config: dict, path: Path) -> int | None:
+    """``5 + k * d`` for a pose dataset's ``kpt_shape: [k, d]`` (its lines are a box and k keypoints), else None."""
+    shape = config.get("kpt_shape")
+    if shape is None:
+        return None
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int for v in shape)
+            and shape[0] > 0 and shape[1] in (2, 3)):
+        raise ValueError(f"{path}: kpt_shape must be [keypoints, 2 or 3] (e.g. [17, 3]), got {shape!r:.200}")
+    return 5 + shape[0] * shape[1]
+
+
 def _split(root: Path, key: str, value: Any, path: Path) -> YoloSplit:
-    """The split's image folder (see the module docstring for how it is resolved) and its label folder."""
-    if not isinstance(value, str):
-        raise ValueError(f"{path}: {key} must be one image folder (a string), got {value!r:.200}")
-    image_dir = root / value
-    if not image_dir.is_dir() and value.startswith("../") and (root / value[3:]).is_dir():
-        image_dir = root / value[3:]
-    if not image_dir.is_dir():
-        raise ValueError(f"{path}: {key}: {value!r} -> {image_dir} is not a folder; expected an image folder "
-                         f"such as images/{key} (image-list .txt files are not supported)")
-    return YoloSplit(key, image_dir, label_dir_for(image_dir))
+    """The split's image folders and image lists (see the module docstring for how they are resolved)."""
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise ValueError(f"{path}: {key} must be an image folder or a .txt list of image paths, or a list of "
+                         f"them, got {value!r:.200}")
+    return YoloSplit(key, [_source(root, key, v, path) for v in values])
+
+
+def _source(root: Path, key: str, value: str, path: Path) -> Path:
+    """One image folder or ``.txt`` image list of a split; ``../x`` that does not exist is tried as ``x``."""
+    source = root / value
+    if not source.exists() and value.startswith("../") and (root / value[3:]).exists():
+        source = root / value[3:]
+    if not (source.is_dir() or (source.is_file() and source.suffix == ".txt")):
+        raise ValueError(f"{path}: {key}: {value!r} -> {source} is not a folder or a .txt list of image paths; "
+                         f"expected an image folder such as images/{key}")
+    return source
+
+
+def _swap_last(path: Path, old: str, new: str) -> Path:
+    """``path`` with its last ``old`` folder renamed ``new`` (unchanged without one)."""
+    parts = path.parts
+    if old not in parts:
+        return path
+    last = len(parts) - 1 - parts[::-1].index(old)
+    return Path(*parts[:last], new, *parts[last + 1:])
 
 
 def label_dir_for(image_dir: Path) -> Path:
     """Ultralytics' rule: the last ``images`` folder of the path becomes ``labels`` (else: the same folder)."""
-    parts = image_dir.parts
-    if "images" not in parts:
-        return image_dir
-    last = len(parts) - 1 - parts[::-1].index("images")
-    return Path(*parts[:last], "labels", *parts[last + 1:])
+    return _swap_last(image_dir, "images", "labels")
+
+
+def label_path_for(image: Path) -> Path:
+    """An image's label file by ultralytics' rule (``img2label_paths``): ``.../images/a/b.jpg`` ->
+    ``.../labels/a/b.txt``, the LAST ``images`` folder replaced; without one, ``b.txt`` beside the image."""
+    return label_dir_for(image.parent) / f"{image.stem}.txt"
 
 
 # ----------------------------------------------------------------------------- files of a split
 
 
-def _image_entries(split: YoloSplit, labels: dict[str, bytes]) -> list[dict]:
-    """COCO-style ``images`` entries (``id``, ``file_name``, ``stem``): the image files sorted by name, then one
-    entry per label file without an image (``<stem>.*``: never a file, so :func:`check_images` finds it missing)."""
-    names = sorted(e.name for e in os.scandir(split.image_dir)
-                   if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
-    stems = [Path(n).stem for n in names]
-    entries = [{"id": i, "file_name": n, "stem": s} for i, (n, s) in enumerate(zip(names, stems), start=1)]
-    orphans = sorted(set(labels) - set(stems))
-    entries += [{"id": len(names) + i, "file_name": f"{s}.*", "stem": s} for i, s in enumerate(orphans, start=1)]
-    return entries
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _read_labels(split: YoloSplit) -> dict[str, bytes]:
-    """Label file bytes by stem; none (with a warning) when the label folder does not exist."""
-    if not split.label_dir.is_dir():
-        logger.warning("split %s: no label folder %s; every image is a negative", split.name, split.label_dir)
-        return {}
-    files = sorted(p for p in split.label_dir.glob("*.txt") if p.name not in _NOT_LABELS and p.is_file())
-    return {p.stem: p.read_bytes() for p in files}
+def _hidden(path: Path, folder: Path) -> bool:
+    """True for a path under a hidden folder (or a hidden file) of ``folder``: ultralytics' glob skips them."""
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
 
 
-def _labels_digest(labels: dict[str, bytes]) -> bytes:
-    """Hash of every label file's name and contents (part of the cache key)."""
+def _folder_files(folder: Path, keep: Any) -> list[Path]:
+    """The files under ``folder`` at any depth for which ``keep(path)`` holds, hidden ones aside."""
+    return [p for p in folder.rglob("*") if keep(p) and not _hidden(p, folder) and p.is_file()]
+
+
+def _listed_images(list_file: Path) -> list[Path]:
+    """The image paths of a ``.txt`` list: ``./x`` relative to the list's folder (ultralytics' rule), and so is
+    another relative path found there (ultralytics takes those from the current folder: the fallback here)."""
+    lines = [line.strip() for line in list_file.read_text(encoding="utf-8-sig").splitlines()]
+    paths = []
+    for line in filter(None, lines):
+        path = Path(line)
+        beside = list_file.parent / path
+        keep_relative = not path.is_absolute() and not line.startswith("./") and not beside.exists() \
+            and path.exists()
+        paths.append(path.absolute() if keep_relative else beside)
+    return [p for p in paths if _is_image(p)]
+
+
+def _image_paths(split: YoloSplit) -> list[Path]:
+    """Every image of the split, each once, sorted by path."""
+    found: set[Path] = set()
+    for source in split.sources:
+        found.update(_folder_files(source, _is_image) if source.is_dir() else _listed_images(source))
+    return sorted(found, key=str)
+
+
+def _orphan_labels(split: YoloSplit, claimed: set[Path]) -> list[Path]:
+    """Label files in the label folders of the split's image folders that no image claims (``classes.txt`` aside);
+    warns about an image folder without a label folder (its images are all negatives)."""
+    found: set[Path] = set()
+    for folder in filter(Path.is_dir, split.sources):
+        label_dir = label_dir_for(folder)
+        if not label_dir.is_dir():
+            logger.warning("split %s: no label folder %s; its images are all negatives", split.name, label_dir)
+            continue
+        found.update(_folder_files(label_dir, lambda p: p.suffix == ".txt" and p.name not in _NOT_LABELS))
+    return sorted(found - claimed, key=str)
+
+
+def _read_if_file(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _split_files(split: YoloSplit) -> tuple[list[dict], dict[Path, bytes]]:
+    """(COCO-style ``images`` entries, label file bytes by path). Entries (``id``, ``file_name``: the image path,
+    ``label``: its label path) are the images in order, then one per orphan label file, named ``<image>.*`` after
+    the image it lacks (never a file, so :func:`check_images` finds it missing)."""
+    images = _image_paths(split)
+    entries = [{"id": i, "file_name": str(p), "label": label_path_for(p)} for i, p in enumerate(images, start=1)]
+    orphans = _orphan_labels(split, {e["label"] for e in entries})
+    lacking = [_swap_last(p.parent, "labels", "images") / f"{p.stem}.*" for p in orphans]
+    entries += [{"id": len(entries) + i, "file_name": str(image), "label": label}
+                for i, (image, label) in enumerate(zip(lacking, orphans), start=1)]
+    labels = {e["label"]: data for e in entries if (data := _read_if_file(e["label"])) is not None}
+    return entries, labels
+
+
+def _files_digest(entries: list[dict], labels: dict[Path, bytes]) -> bytes:
+    """Hash of every image path with its size and modification time, and of every label file's path and bytes
+    (part of the cache key: a change to any image or label rebuilds the split)."""
     h = hashlib.sha256()
-    for stem, data in labels.items():
-        h.update(f"{stem}\0{len(data)}\0".encode() + data)
+    for entry in entries:
+        try:
+            st = os.stat(entry["file_name"])
+            h.update(f"{entry['file_name']}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{entry['file_name']}\0missing\n".encode())
+    for path, data in labels.items():
+        h.update(f"{path}\0{len(data)}\0".encode() + data)
     return h.hexdigest().encode()
 
 
@@ -202,29 +299,86 @@ def _displayed(info: ImageInfo) -> ImageInfo:
 # ----------------------------------------------------------------------------- label lines
 
 
+@dataclass(frozen=True)
+class _Label:
+    """One readable label line: a class and its normalised coordinates (hashable, to find repeated lines)."""
+
+    category: int
+    coords: tuple[float, ...]  # cx cy w h, or a polygon's x1 y1 ... xn yn
+
+    @property
+    def polygon(self) -> bool:
+        return len(self.coords) > 4
+
+    def corners(self) -> tuple[float, float, float, float]:
+        """Normalised ``(x0, y0, x1, y1)``: the box's, or the polygon's bounding box (min/max of its points)."""
+        if self.polygon:
+            xs, ys = self.coords[0::2], self.coords[1::2]
+            return _snap(min(xs)), _snap(min(ys)), _snap(max(xs)), _snap(max(ys))
+        cx, cy, w, h = self.coords
+        return _snap(cx - w / 2), _snap(cy - h / 2), _snap(cx + w / 2), _snap(cy + h / 2)
+
+
+class _BadLine(ValueError):
+    """A label line that is not YOLO; ``kind`` groups the lines counted together in the error."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class _Problem:
+    kind: str
+    message: str  # one line naming the file (and line)
+    path: Path
+
+
 def _lines(data: bytes) -> list[tuple[int, str]]:
-    """(1-based line number, text) of the non-blank lines."""
-    text = data.decode("utf-8", errors="replace")
+    """(1-based line number, text) of the non-blank lines (a UTF-8 byte-order mark ignored, as ultralytics)."""
+    text = data.decode("utf-8-sig", errors="replace")
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
-def _line_problem(values: list[float] | None, num_classes: int) -> str | None:
-    """The report key a line is dropped under, or None for a good ``class cx cy w h`` line."""
-    if values is None or len(values) != 5 or not all(math.isfinite(v) for v in values) \
-            or not values[0].is_integer():
-        return "malformed_label_lines_dropped"
-    if not 0 <= values[0] < num_classes:
-        return "class_out_of_range_dropped"
-    if not all(-_TOLERANCE <= v <= 1 + _TOLERANCE for v in values[1:]):
-        return "box_out_of_range_dropped"
-    return None
+def _parse_line(line: str, num_classes: int, keypoint_columns: int | None) -> _Label:
+    """The class and coordinates of one label line; :class:`_BadLine` when it is not a YOLO box or polygon."""
+    tokens = line.split()
+    if len(tokens) == keypoint_columns:  # a pose line: the box, keypoints dropped (ultralytics for a box task)
+        tokens = tokens[:5]
+    if len(tokens) != 5 and (len(tokens) < 7 or len(tokens) % 2 == 0):
+        hint = " (a 6th column is typically a confidence: predictions are not labels)" if len(tokens) == 6 else ""
+        raise _BadLine("columns", f"{len(tokens)} values; {_EXPECTED}{hint}")
+    values = [_number(t) for t in tokens]
+    return _Label(_category(values[0], num_classes), tuple(_normalised(values[1:])))
 
 
-def _floats(line: str) -> list[float] | None:
+def _number(token: str) -> float:
     try:
-        return [float(v) for v in line.split()]
+        value = float(token)
     except ValueError:
-        return None
+        raise _BadLine("numbers", f"{token!r} is not a number; {_EXPECTED}") from None
+    if not math.isfinite(value):
+        raise _BadLine("numbers", f"{token} is not a finite number")
+    return value
+
+
+def _category(value: float, num_classes: int) -> int:
+    if not value.is_integer():
+        raise _BadLine("class", f"class {value:g} is not a whole number")
+    if not 0 <= value < num_classes:
+        raise _BadLine("class", f"class {value:g} is not one of the {num_classes} classes of data.yaml's names "
+                                f"(0..{num_classes - 1})")
+    return int(value)
+
+
+def _normalised(coords: list[float]) -> list[float]:
+    """``coords`` when all lie in [0, 1] give or take ultralytics' 1% tolerance, else :class:`_BadLine`."""
+    outside = [v for v in coords if not -_RANGE_TOLERANCE <= v <= 1 + _RANGE_TOLERANCE]
+    if outside:
+        looks = "these look like pixel coordinates; " if max(outside) > 1 else ""
+        raise _BadLine("range", f"{outside[0]:g} is outside [0, 1]: {looks}YOLO coordinates are normalised by the "
+                                "image width and height")
+    return coords
 
 
 def _snap(v: float) -> float:
@@ -232,72 +386,92 @@ def _snap(v: float) -> float:
     return min(max(v, 0.0), 1.0) if -_TOLERANCE <= v <= 1 + _TOLERANCE else v
 
 
-def _to_pixels(cx: float, cy: float, w: float, h: float, info: ImageInfo) -> list[float]:
-    """Normalised ``(cx, cy, w, h)`` -> absolute COCO ``[x, y, w, h]`` pixels of the image (float64)."""
-    x0, x1, y0, y1 = _snap(cx - w / 2), _snap(cx + w / 2), _snap(cy - h / 2), _snap(cy + h / 2)
+def _to_pixels(corners: tuple[float, float, float, float], info: ImageInfo) -> list[float]:
+    """Normalised ``(x0, y0, x1, y1)`` -> absolute COCO ``[x, y, w, h]`` pixels of the image (float64)."""
+    x0, y0, x1, y1 = corners
     return [x0 * info.width, y0 * info.height, (x1 - x0) * info.width, (y1 - y0) * info.height]
 
 
-def _parse_label_file(path: Path, data: bytes, entry: dict, info: ImageInfo, num_classes: int,
-                      report: dict, raise_on_bad: bool) -> list[dict]:
-    """COCO-style annotations (absolute ``bbox``, no ``id`` yet) of one image's good lines; the rest counted."""
-    annotations = []
+def _read_label_file(path: Path, data: bytes, num_classes: int, keypoint_columns: int | None, report: dict,
+                     problems: list[_Problem]) -> list[_Label]:
+    """The file's labels, each once (repeats counted); its unreadable lines, or its mixing boxes and polygons,
+    added to ``problems``."""
+    labels: dict[_Label, int] = {}  # label -> its line number (dicts keep file order)
     for number, line in _lines(data):
-        values = _floats(line)
-        problem = _line_problem(values, num_classes)
-        if problem is None:
-            bbox = _to_pixels(*values[1:], info)
-            annotations.append({"image_id": entry["id"], "category_id": int(values[0]), "bbox": bbox, "iscrowd": 0})
+        try:
+            label = _parse_line(line, num_classes, keypoint_columns)
+        except _BadLine as bad:
+            problems.append(_Problem(bad.kind, f"{path} line {number}: {bad}", path))
             continue
-        report[problem] += 1
-        reason = _LINE_PROBLEMS[problem].format(last=num_classes - 1, count=num_classes)
-        if raise_on_bad:
-            raise ValueError(f"bad YOLO label {path}:{number}: {line!r}: {reason} "
-                             "(use on_bad_data='skip' to skip and count such lines)")
-        logger.debug("skipping bad YOLO label %s:%d: %r: %s", path, number, line, reason)
-    return annotations
+        report["duplicate_labels_dropped"] += int(label in labels)
+        labels.setdefault(label, number)
+    first = {label.polygon: number for label, number in reversed(labels.items())}
+    if len(first) == 2:
+        problems.append(_Problem("mixed", f"{path}: line {first[False]} is a box and line {first[True]} a polygon; "
+                                 "ultralytics refuses label files that mix the two (earlier versions misread the "
+                                 "boxes as 2-point polygons): write one kind per file", path))
+    return list(labels)
 
 
-def _annotations(split: YoloSplit, entries: list[dict], labels: dict[str, bytes], images: dict[int, ImageInfo],
-                 num_classes: int, report: dict, raise_on_bad: bool) -> list[dict]:
-    """COCO-style annotations of every kept image, numbered from 1; label lines of skipped images are orphans."""
-    annotations = []
+def _raise_problems(problems: list[_Problem], split: str, total_lines: int) -> None:
+    """One ValueError naming the first problem and how many lines (or files) of the split share its kind."""
+    if not problems:
+        return
+    first = problems[0]
+    same = [p for p in problems if p.kind == first.kind]
+    files = len({p.path for p in same})
+    counted = f"{files} of the split's label files" if first.kind == "mixed" else \
+        f"{len(same)} of the split's {total_lines} label lines, in {files} file(s),"
+    others = f"; {len(problems) - len(same)} other problem(s)" if len(problems) > len(same) else ""
+    raise ValueError(f"{first.message} ({counted} are like this in split {split!r}{others})")
+
+
+def _annotations(split: str, entries: list[dict], labels: dict[Path, bytes], images: dict[int, ImageInfo],
+                 config: YoloConfig, report: dict) -> list[dict]:
+    """COCO-style annotations of every kept image, numbered from 1; label lines of skipped images are orphans.
+    Raises ValueError if any label file read is not YOLO (:func:`_raise_problems`)."""
+    annotations, problems = [], []
     for entry in entries:
-        data = labels.get(entry["stem"])
+        data = labels.get(entry["label"])
         if data is None:
             report["images_without_label_file"] += 1
         elif entry["id"] not in images:
             report["orphan_annotations_dropped"] += len(_lines(data))
         else:
-            path = split.label_dir / f"{entry['stem']}.txt"
-            annotations += _parse_label_file(path, data, entry, images[entry["id"]], num_classes, report,
-                                             raise_on_bad)
+            info = images[entry["id"]]
+            read = _read_label_file(entry["label"], data, len(config.names), config.keypoint_columns, report,
+                                    problems)
+            report["polygon_labels"] += sum(label.polygon for label in read)
+            annotations += [{"image_id": entry["id"], "category_id": label.category, "iscrowd": 0,
+                             "bbox": _to_pixels(label.corners(), info)} for label in read]
+    _raise_problems(problems, split, report["annotations"])
     return [{**ann, "id": i} for i, ann in enumerate(annotations, start=1)]
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def _load_yolo_split(split: YoloSplit, names: list[str], yaml_bytes: bytes, raise_on_bad: bool,
-                     full_decode_check: bool, cache_dir: str | None) -> tuple[datasets.Dataset, dict[str, int]]:
+def _load_yolo_split(split: YoloSplit, config: YoloConfig, raise_on_bad: bool, full_decode_check: bool,
+                     cache_dir: str | None) -> tuple[datasets.Dataset, dict[str, int]]:
     """Check, clean and build one split (cached by the yaml, the label files and the image listing)."""
-    labels = _read_labels(split)
-    entries = _image_entries(split, labels)
+    entries, labels = _split_files(split)
     report = {k: 0 for k in YOLO_REPORT_KEYS}
     report["images"] = len(entries)
     report["annotations"] = sum(len(_lines(data)) for data in labels.values())
-    checked = check_images(entries, split.image_dir, full_decode_check, report, raise_on_bad)
+    checked = check_images(entries, split.sources[0], full_decode_check, report, raise_on_bad)
     images = {image_id: _displayed(info) for image_id, info in checked.items()}
-    annotations = _annotations(split, entries, labels, images, len(names), report, raise_on_bad)
-    identity = {label: label for label in range(len(names))}
+    annotations = _annotations(split.name, entries, labels, images, config, report)
+    identity = {label: label for label in range(len(config.names))}
     by_image = clean_annotations(annotations, images, {e["id"] for e in entries}, identity, report, raise_on_bad)
     finish_report(report, by_image)
     if not by_image:
-        raise ValueError(f"split {split.name!r} ({split.image_dir}): no usable image; report: {report}")
+        raise ValueError(f"split {split.name!r} ({', '.join(map(str, split.sources))}): no usable image; "
+                         f"report: {report}")
     options = {"format": "yolo", "full_decode": full_decode_check, "split": split.name,
-               "labels": str(split.label_dir)}
-    key = fingerprint(split.image_dir, yaml_bytes + b"\0" + _labels_digest(labels), options)
-    return build_split_dataset(split.name, by_image, images, names, key, cache_dir), report
+               "sources": [str(s) for s in split.sources], "keypoint_columns": config.keypoint_columns}
+    listed = split.sources[0] if split.sources[0].is_dir() else split.sources[0].parent
+    key = fingerprint(listed, config.raw + b"\0" + _files_digest(entries, labels), options)
+    return build_split_dataset(split.name, by_image, images, config.names, key, cache_dir), report
 
 
 def load_yolo_folder_with_info(yolo_dir: str | Path, on_bad_data: Literal["skip", "raise"] = "skip",
@@ -305,13 +479,13 @@ def load_yolo_folder_with_info(yolo_dir: str | Path, on_bad_data: Literal["skip"
     """Like :func:`load_yolo_folder`, also returning the label mapping and the per-split report."""
     if on_bad_data not in ("skip", "raise"):
         raise ValueError(f"on_bad_data must be 'skip' or 'raise', got {on_bad_data!r}")
-    yaml_bytes, names, splits = read_data_yaml(yolo_dir)
-    mapping: LabelMapping = label_mapping_from_categories([{"id": i, "name": n} for i, n in enumerate(names)],
+    config = read_data_yaml(yolo_dir)
+    mapping: LabelMapping = label_mapping_from_categories([{"id": i, "name": n} for i, n in enumerate(config.names)],
                                                           contiguous_labels=True)
     out, reports = {}, {}
-    for name, split in splits.items():
-        out[name], reports[name] = _load_yolo_split(split, mapping.names, yaml_bytes, on_bad_data == "raise",
-                                                    full_decode_check, cache_dir)
+    for name, split in config.splits.items():
+        out[name], reports[name] = _load_yolo_split(split, config, on_bad_data == "raise", full_decode_check,
+                                                    cache_dir)
         log_report(name, reports[name])
     return DetectionData(DatasetDict(out), mapping, reports)
 
@@ -322,12 +496,12 @@ def load_yolo_folder(yolo_dir: str | Path, on_bad_data: Literal["skip", "raise"]
 
     Args:
         yolo_dir: the folder holding ``data.yaml`` (or the yaml file itself); layout in the module docstring.
-        on_bad_data: ``"skip"`` skips and counts missing/corrupt images and bad label lines (see
-            :data:`YOLO_REPORT_KEYS`); ``"raise"`` raises ValueError on the first one, naming the file (and for
-            a label line its number and text).
+        on_bad_data: ``"skip"`` skips and counts missing/corrupt images (see :data:`YOLO_REPORT_KEYS`);
+            ``"raise"`` raises ValueError on the first one, naming the file. Label lines that are not YOLO
+            raise ValueError either way, naming the file and the line.
         full_decode_check: fully decode every image up-front (slow) to also catch truncated files.
-        cache_dir: datasets cache folder; the cache key hashes data.yaml, every label file and the image
-            folder listing, so editing any of them rebuilds the dataset.
+        cache_dir: datasets cache folder; the cache key hashes data.yaml, every label file and the path, size
+            and modification time of every image, so editing any of them rebuilds the dataset.
 
     Use :func:`load_yolo_folder_with_info` to also get the label mapping and the report.
     """

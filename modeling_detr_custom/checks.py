@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,35 @@ def make_output_folder(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+# The files a saved model folder is made of (a folder holding config.json): its config, processor config, model card,
+# generation config, weights (.safetensors, sharded ones' index, .bin) and remote code (.py).
+MODEL_FOLDER_FILES = ("config.json", "preprocessor_config.json", "generation_config.json", "README.md",
+                      "model.safetensors.index.json")
+MODEL_FOLDER_SUFFIXES = (".safetensors", ".bin", ".py")
+
+
+def check_not_model_file(path: str | os.PathLike) -> None:
+    """Raise ValueError when writing ``path`` would replace a file of a saved model folder: the folder would no
+    longer load as its model. No overwrite option lifts this; the message names the file."""
+    path = Path(path).expanduser().resolve()  # a link to a model's file is that file
+    own = path.name in MODEL_FOLDER_FILES or path.suffix in MODEL_FOLDER_SUFFIXES
+    if own and path.is_file() and (path.parent / "config.json").is_file():
+        raise ValueError(f"{path} is a file of the model folder {path.parent} and is never overwritten; "
+                         "choose another output name or folder")
+
+
+@contextmanager
+def reporting_write_errors(target: str | os.PathLike) -> Iterator[None]:
+    """Run a tool's own writes to ``target``: an OSError there (read-only folder, permission denied, disk full)
+    becomes a one-line ValueError naming the path and the OS reason. Only writes are wrapped: an OSError
+    anywhere else keeps its traceback, as it may be a bug rather than the user's environment."""
+    try:
+        yield
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(target) else ""
+        raise ValueError(f"cannot write {target}: {err.strerror or err}{where}") from err
+
+
 def _weights_name(source: str) -> str:
     """The weights file of a local folder, else the source itself (a Hub repo id)."""
     return str(Path(source) / WEIGHTS_FILE) if Path(source).is_dir() else source
@@ -64,14 +94,25 @@ def load_checked(model_class: Any, source: str | os.PathLike, allow_missing: boo
 
     Raises ValueError naming the file when the weights file is corrupt or truncated, when parameters are
     missing from it (they would be random; only logged with ``allow_missing``, for fine-tuning with new
-    layers) and when a weight is NaN or Inf (`check_finite_weights`).
+    layers), when a weight's shape differs from the config's model (a class head for another number of classes:
+    the message names the config's num_labels, its id2label's length and the weights' class count; allowed with
+    ``ignore_mismatched_sizes=True``, which starts those tensors afresh) and when a weight is NaN or Inf
+    (`check_finite_weights`).
     """
     source = str(source)
+    allow_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
     try:
-        model, info = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+        # mismatched sizes are loaded as transformers' report of them and refused below, in one line
+        model, info = model_class.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                  **kwargs)
     except SafetensorError as err:
         raise ValueError(f"{_weights_name(source)} is corrupt or truncated ({err}); "
                          "save or download it again") from None
+    except OSError as err:  # transformers' word for a folder or repo without a loadable config or weights
+        raise ValueError(f"cannot load a model from {source}: {' '.join(str(err).split())}") from None
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched and not allow_mismatched:
+        raise ValueError(_size_mismatch_message(model.config, _weights_name(source), mismatched))
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         message = (f"{_weights_name(source)} is incomplete: {len(missing)} parameter(s) missing, e.g. {missing[:3]}; "
@@ -81,6 +122,22 @@ def load_checked(model_class: Any, source: str | os.PathLike, allow_missing: boo
         logger.warning("%s (new layers start from scratch)", message)
     check_finite_weights(model, _weights_name(source))
     return model
+
+
+CLASS_HEAD_KEYS = ("class_labels_classifier.weight", "class_labels_classifier.bias")
+
+
+def _size_mismatch_message(config: Any, weights: str, mismatched: list[tuple[str, Any, Any]]) -> str:
+    """One line for ``load_checked``'s (key, shape in the weights, shape in the model) triples."""
+    head = next(((key, saved) for key, saved, _ in mismatched if key in CLASS_HEAD_KEYS), None)
+    if head is not None:
+        classes = int(head[1][0]) - 1  # the last output is "no object"
+        return (f"{weights} has a class head for {classes} classes (+ no object) but the config has "
+                f"num_labels={config.num_labels} and {len(config.id2label)} names in id2label; load the weights with "
+                "the config saved with them, or pass ignore_mismatched_sizes=True to start a new class head")
+    key, saved, expected = mismatched[0]
+    return (f"{weights} does not fit the config: {key} has shape {tuple(saved)} in the weights, {tuple(expected)} in "
+            f"the model ({len(mismatched)} tensor(s) differ); load the weights with the config saved with them")
 
 
 def check_finite_weights(model: torch.nn.Module, what: str) -> None:
@@ -144,5 +201,6 @@ def run_cli(main: Callable[[], Any]) -> None:
         raise SystemExit(1) from None
 
 
-__all__ = ["read_json", "make_output_folder", "load_checked", "check_finite_weights", "check_finite_outputs",
-           "current_umask", "follow_umask", "debug_requested", "run_cli"]
+__all__ = ["read_json", "make_output_folder", "check_not_model_file", "reporting_write_errors", "load_checked",
+           "check_finite_weights", "check_finite_outputs", "current_umask", "follow_umask", "debug_requested",
+           "run_cli"]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .checks import check_not_model_file, follow_umask, reporting_write_errors
 from .predict import load_detector
 
 ATOL = 1e-4  # largest |onnxruntime - PyTorch| accepted on logits and on pred_boxes
@@ -88,14 +89,17 @@ def sidecar_path(output: str | os.PathLike) -> Path:
 
 
 def check_output_path(output: str | os.PathLike, overwrite: bool) -> Path:
-    """``output`` as a Path after checking it can be written: an ``.onnx`` name in an existing folder, and
-    neither it nor its JSON already there unless ``overwrite``. Raises ValueError naming the path."""
+    """``output`` as a Path after checking it can be written: an ``.onnx`` name in an existing folder, neither it
+    nor its JSON already there unless ``overwrite``, and neither a file of a model folder (`check_not_model_file`:
+    MODEL/config.onnx would put its JSON over MODEL/config.json), even with ``overwrite``. Raises ValueError
+    naming the path."""
     path = Path(output).expanduser()
     if path.suffix != ".onnx":
         raise ValueError(f"output {str(path)!r} must end with .onnx (its settings go to {sidecar_path(path).name})")
     if not path.parent.is_dir():
         raise ValueError(f"output {str(path)!r}: its folder {str(path.parent)!r} is not an existing directory")
     for existing in (path, sidecar_path(path)):
+        check_not_model_file(existing)
         if existing.exists() and not overwrite:
             raise ValueError(f"{str(existing)!r} already exists; pass overwrite=True (--overwrite) to replace it")
     return path
@@ -282,16 +286,24 @@ def export_spec(model: nn.Module, processor: Any, onnx_name: str, opset: int, ca
 # ----------------------------------------------------------------------------- the whole export
 
 
-def _remove(*paths: Path) -> None:
-    for path in paths:
+def _remove(*paths: Path | None) -> None:
+    for path in filter(None, paths):
         path.unlink(missing_ok=True)
 
 
 def _temporary_file(beside: Path, suffix: str) -> Path:
-    """An empty file in ``beside``'s folder (same file system, so the final rename is atomic)."""
+    """An empty file in ``beside``'s folder (same file system, so the final rename is atomic). mkstemp makes it
+    0600; `_put_in_place` gives it the user's umask mode."""
     handle, name = tempfile.mkstemp(prefix=f".{beside.stem}.", suffix=suffix, dir=beside.parent)
     os.close(handle)
     return Path(name)
+
+
+def _put_in_place(tmp_onnx: Path, tmp_json: Path, path: Path) -> None:
+    """Rename the verified graph and its JSON to ``path`` and its sidecar, with the mode any new file gets."""
+    follow_umask(tmp_onnx, tmp_json)
+    os.replace(tmp_onnx, path)
+    os.replace(tmp_json, sidecar_path(path))
 
 
 def export_detector(model: nn.Module, processor: Any, output: str | os.PathLike, opset: int = DEFAULT_OPSET,
@@ -317,16 +329,20 @@ def export_detector(model: nn.Module, processor: Any, output: str | os.PathLike,
     axes = dynamic_axes(dynamic_batch, dynamic_size)
     # a dynamic batch is traced at 2: at 1 the tracer may treat the batch axis as a constant 1
     example = padded_images(canvas, [canvas] * (2 if dynamic_batch else 1), seed=1234)
-    tmp_onnx, tmp_json = _temporary_file(path, ".onnx.tmp"), _temporary_file(path, ".json.tmp")
+    tmp_onnx = tmp_json = None
     try:
-        with torch.no_grad():
+        with reporting_write_errors(path):  # a read-only folder or a full disk: one line naming the path
+            tmp_onnx = _temporary_file(path, ".onnx.tmp")
+            tmp_json = _temporary_file(path, ".json.tmp")
+        with torch.no_grad(), reporting_write_errors(path):
             tracer_warnings = export_graph(graph, example, tmp_onnx, opset, axes)
         checks = verify_graph(tmp_onnx, graph, verification_runs(canvas, dynamic_batch, dynamic_size),
                               model.config.num_queries, model.config.num_labels, tracer_warnings)
         spec = export_spec(model, processor, path.name, opset, canvas, axes, checks)
-        tmp_json.write_text(json.dumps(spec, indent=2) + "\n")
-        os.replace(tmp_onnx, path)
-        os.replace(tmp_json, sidecar_path(path))
+        with reporting_write_errors(path):
+            tmp_json.write_text(json.dumps(spec, indent=2) + "\n")
+            check_output_path(path, overwrite)  # again: another export may have written it meanwhile
+            _put_in_place(tmp_onnx, tmp_json, path)
     finally:
         _remove(tmp_onnx, tmp_json)
     return spec

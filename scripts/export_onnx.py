@@ -2,7 +2,7 @@
 """Export a saved detr-custom model to ONNX, verified with onnxruntime before it is written.
 
     python scripts/export_onnx.py --model outputs/demo --output detr.onnx [--opset 17] [--dynamic_batch]
-        [--dynamic_size] [--height H --width W] [--overwrite]
+        [--dynamic_size] [--height H --width W] [--overwrite] [--debug]
 
 The graph takes pixel_values (B, 3, H, W) float32 and pixel_mask (B, H, W) int64 and returns logits (B, Q, C + 1)
 and pred_boxes (B, Q, 4), normalised (cx, cy, w, h). B is 1 unless --dynamic_batch, H x W is --height x --width
@@ -11,8 +11,10 @@ output names and shapes, opset, id2label and the processor settings a runtime ne
 onnxruntime (CPU) gives PyTorch's outputs within 1e-4 on padded batches of two image sizes (and, when dynamic, two
 batch sizes and two canvas sizes). Needs `pip install -e ".[export]"`.
 
-Exit status: 0 when both files are written, 1 when the model cannot be loaded, the output is refused or the export
-disagrees with PyTorch (one line on stderr says why), 2 for bad arguments.
+The output never replaces a file of a model folder (MODEL/config.onnx would put its JSON over MODEL/config.json),
+--overwrite or not. Exit status: 0 when both files are written, 1 when the model cannot be loaded, the output is
+refused or cannot be written (read-only folder, disk full) or the export disagrees with PyTorch (one line on stderr
+says why; its traceback with --debug or DETR_CUSTOM_DEBUG=1), 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from modeling_detr_custom.checks import debug_requested
 from modeling_detr_custom.export import DEFAULT_OPSET, OnnxExportError, export_onnx, sidecar_path
 from modeling_detr_custom.predict import ModelLoadError
 
@@ -34,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=None, help="export canvas height (with --width)")
     parser.add_argument("--width", type=int, default=None, help="export canvas width (with --height)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output and its .json")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     if (args.height is None) != (args.width is None):
         parser.error("give both --height and --width, or neither")
@@ -47,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                            dynamic_size=args.dynamic_size, height=args.height, width=args.width,
                            overwrite=args.overwrite)
     except (ModelLoadError, OnnxExportError, ValueError) as err:
+        if debug_requested(argv):
+            raise
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     checks = spec["verification"]["checks"]

@@ -20,8 +20,9 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from .checks import check_finite_outputs, load_checked, make_output_folder, read_json
+from .checks import check_finite_outputs, load_checked, make_output_folder, read_json, reporting_write_errors
 from .drawing import draw_detections
+from .folder_lock import hold_folder
 from .image_processing_detr_custom import pil_to_rgb8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -31,6 +32,10 @@ BOX_FORMAT = "xyxy: absolute (xmin, ymin, xmax, ymax) pixels of the image after 
 
 class ModelLoadError(RuntimeError):
     """The model argument names no loadable model; the message names the path or repo id."""
+
+
+class UnusableImageError(ValueError):
+    """The image processor refused a batch of same-size images (e.g. a size whose resize reaches zero pixels)."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -61,15 +66,29 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], lis
     return unique, skipped
 
 
+# What PIL raises for a file it cannot decode; DecompressionBombError (an Exception only) is the image over
+# PIL's decompression-bomb limit, 2 x PIL.Image.MAX_IMAGE_PIXELS pixels, which predict keeps as PIL sets it.
+UNREADABLE = (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OSError, SyntaxError, ValueError)
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    """The one-line reason ``path`` cannot be used, from PIL's error."""
+    if isinstance(err, PIL.Image.DecompressionBombError):
+        return ValueError(f"{path} is too large to decode: {err} (PIL's decompression-bomb limit, "
+                          f"2 x PIL.Image.MAX_IMAGE_PIXELS = {2 * PIL.Image.MAX_IMAGE_PIXELS} pixels)")
+    return ValueError(f"{path} is not a readable image: {err}")
+
+
 def open_image(path: Path) -> PIL.Image.Image:
     """The image as displayed: EXIF orientation applied, 8-bit RGB (16-bit images scaled, `pil_to_rgb8`).
-    Raises ValueError naming the file if it is not an image PIL can decode, or has values its mode cannot hold."""
+    Raises ValueError naming the file if it is not an image PIL can decode, is over PIL's decompression-bomb
+    limit, or has values its mode cannot hold."""
     try:
         with PIL.Image.open(path) as image:
             image.load()
             upright = PIL.ImageOps.exif_transpose(image)
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable image: {err}") from None
+    except UNREADABLE as err:
+        raise _unreadable(path, err) from None
     return pil_to_rgb8(upright, str(path))
 
 
@@ -129,12 +148,16 @@ def load_detector(model_ref: str | os.PathLike, device: torch.device) -> tuple[A
 @torch.no_grad()
 def detect(model: Any, processor: Any, images: Sequence[PIL.Image.Image], threshold: float,
            device: torch.device) -> list[list[dict[str, Any]]]:
-    """Detections of one batch, as the object-detection pipeline computes them.
+    """Detections of one batch, as the object-detection pipeline computes them. Raises UnusableImageError when
+    the processor refuses the images (same-size batches: the reason holds for each of them).
 
     Returns per image a list of {"label": name, "label_id": int, "score": float, "box": {"xmin", "ymin",
     "xmax", "ymax"}} with float pixel coordinates of that image (each image's own size, padding removed).
     """
-    inputs = processor(images=list(images), return_tensors="pt", device=device)
+    try:
+        inputs = processor(images=list(images), return_tensors="pt", device=device)
+    except ValueError as err:  # the images' own fault (their size): the caller skips them, not the run
+        raise UnusableImageError(str(err)) from None
     outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
     check_finite_outputs(outputs.logits, outputs.pred_boxes, f"detections of a batch of {len(images)} image(s)")
     sizes = torch.tensor([[im.height, im.width] for im in images], device=device)
@@ -169,8 +192,8 @@ def displayed_size(path: Path) -> tuple[int, int]:
         with PIL.Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable image: {err}") from None
+    except UNREADABLE as err:
+        raise _unreadable(path, err) from None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 90-degree rotations swap
 
 
@@ -200,29 +223,68 @@ def _run_batch(model: Any, processor: Any, paths: Sequence[Path], indices: Seque
             log(f"skipped {path}: {err}")
     if not opened:
         return {}
-    found = detect(model, processor, [image for _, _, image in opened], threshold, device)
+    try:
+        found = detect(model, processor, [image for _, _, image in opened], threshold, device)
+    except UnusableImageError as err:
+        for _, path, _ in opened:
+            skipped.append({"path": str(path), "reason": f"{path} cannot be processed: {err}"})
+            log(f"skipped {path}: {path} cannot be processed: {err}")
+        return {}
     return {index: ({"path": str(path), "width": image.width, "height": image.height}, image, detections)
             for (index, path, image), detections in zip(opened, found)}
 
 
-def _previous_outputs(out: Path) -> set[str]:
-    """Names of the files an earlier run wrote into ``out`` (its detections.json and drawn images): the only
-    existing files a new run may replace. Raises ValueError when ``out`` holds a detections.json that is not
-    such a report."""
-    report_path = out / REPORT_FILE
+def _read_report(folder: Path) -> dict[str, Any] | None:
+    """The report an earlier run wrote into ``folder``; None when it holds no detections.json. Raises
+    ValueError when its detections.json is not such a report."""
+    report_path = folder / REPORT_FILE
     if not report_path.is_file():
-        return set()
+        return None
     report = read_json(report_path)
     if not (isinstance(report, dict) and "box_format" in report and isinstance(report.get("images"), list)):
         raise ValueError(f"{report_path} exists and is not a report of predict.py; choose another output_dir "
                          "(it is never overwritten)")
-    return {REPORT_FILE, *(str(i.get("output_image")) for i in report["images"] if isinstance(i, dict))}
+    return report
 
 
-def _taken_names(out: Path, files: Sequence[Path]) -> set[str]:
-    """Names in ``out`` no output may take: the inputs in it and every existing file but `_previous_outputs`."""
-    replaceable = _previous_outputs(out)
-    existing = {p.name for p in out.iterdir()} - replaceable if out.is_dir() else set()
+def _drawn_names(report: dict[str, Any]) -> set[str]:
+    """The images a report says its run drew: plain ``.png`` names (a hand-edited report names nothing else)."""
+    names = {i.get("output_image") for i in report["images"] if isinstance(i, dict)}
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith(".png")}
+
+
+def own_drawings(folder: Path) -> set[str]:
+    """Names of the images predict.py drew into ``folder``, as the detections.json there lists them."""
+    try:
+        report = _read_report(folder)
+    except ValueError:  # someone else's detections.json: nothing in this folder is predict's
+        return set()
+    return _drawn_names(report) if report is not None else set()
+
+
+def without_own_drawings(files: Sequence[Path]) -> tuple[list[Path], int]:
+    """``files`` less the images predict.py drew (listed in the detections.json beside them): a run into its
+    input folder, repeated, must not detect objects in its own drawings. Returns (kept, how many left out)."""
+    drawn = {folder: own_drawings(folder) for folder in {path.parent for path in files}}
+    kept = [path for path in files if path.name not in drawn[path.parent]]
+    return kept, len(files) - len(kept)
+
+
+def _replaceable(out: Path, overwrite: bool) -> set[str]:
+    """Names in ``out`` this run may replace: with ``overwrite``, the report and drawings of an earlier run.
+    Without it an earlier run's folder is refused (its detections would be lost); so is a foreign report."""
+    report = _read_report(out)
+    if report is None:
+        return set()
+    if not overwrite:
+        raise ValueError(f"{out} holds the detections of an earlier predict.py run ({REPORT_FILE}); pass "
+                         "--overwrite (overwrite=True) to replace that run's files, or choose another output_dir")
+    return {REPORT_FILE} | _drawn_names(report)
+
+
+def _taken_names(out: Path, files: Sequence[Path], overwrite: bool) -> set[str]:
+    """Names in ``out`` no output may take: the inputs in it and every existing file but `_replaceable`."""
+    existing = {p.name for p in out.iterdir()} - _replaceable(out, overwrite)
     return existing | {p.name for p in files if p.resolve().parent == out.resolve()}
 
 
@@ -251,15 +313,22 @@ def _readable_sizes(files: Sequence[Path], skipped: list[dict[str, str]],
 
 def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathLike], threshold: float = 0.5,
                    output_dir: str | os.PathLike = "predictions", batch_size: int = 4, device: str = "auto",
-                   log: Any = print) -> dict[str, Any]:
+                   log: Any = print, overwrite: bool = False) -> dict[str, Any]:
     """Detect objects in every image of ``inputs`` (files or folders); write ``<output_dir>/detections.json``
     and one ``<stem>.png`` per image with the detections drawn (``<stem>_1.png`` when the name is taken: an
-    input or a file an earlier run did not write is never replaced). Inputs that are not images are reported
-    through ``log`` and listed under "skipped"; the rest are still processed.
+    input or a file an earlier run did not write is never replaced). Inputs that are not images, or that PIL
+    or the processor cannot use (over PIL's decompression-bomb limit, a size whose resize reaches zero), are
+    reported through ``log`` and listed under "skipped"; the rest are still processed. Images an earlier run
+    drew (listed in the detections.json beside them) are never inputs: their count is logged.
+
+    ``output_dir`` is held for the run (`folder_lock.hold_folder`: a second run into it is refused, naming the
+    first one's pid). A folder holding an earlier run's detections.json is refused unless ``overwrite``, which
+    lets this run replace that run's report and drawings (and nothing else).
 
     Returns the JSON report: {"model", "threshold", "device", "box_format", "images": [{"path", "width",
     "height", "output_image", "detections": [...]}], "skipped": [{"path", "reason"}]}.
-    Raises ValueError for bad settings and ModelLoadError when the model cannot be loaded.
+    Raises ValueError for bad settings, a refused output folder or a failed write (naming the path and the OS
+    reason), and ModelLoadError when the model cannot be loaded.
     """
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold {threshold!r} must be in [0, 1)")
@@ -268,25 +337,40 @@ def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathL
     torch_device = resolve_device(device)
     model, processor = load_detector(model_ref, torch_device)  # before any output: a bad model writes nothing
     files, skipped = collect_images(inputs)
-    used = _taken_names(Path(output_dir), files)  # outputs never replace an input or a file of someone else
+    files, drawn = without_own_drawings(files)
+    if drawn:
+        log(f"left out {drawn} image(s) drawn by an earlier predict.py run (listed in the {REPORT_FILE} beside them)")
     out = make_output_folder(output_dir, "output_dir")
-    report: dict[str, Any] = {"model": str(model_ref), "threshold": threshold, "device": str(torch_device),
-                              "box_format": BOX_FORMAT, "images": [], "skipped": skipped}
-    for item in skipped:
-        log(f"skipped {item['path']}: {item['reason']}")
+    with hold_folder(out, "predict.py"):
+        used = _taken_names(out, files, overwrite)  # outputs never replace an input or a file of someone else
+        report: dict[str, Any] = {"model": str(model_ref), "threshold": threshold, "device": str(torch_device),
+                                  "box_format": BOX_FORMAT, "images": [], "skipped": skipped}
+        for item in skipped:
+            log(f"skipped {item['path']}: {item['reason']}")
+        report["images"] = _detect_and_draw(out, used, model, processor, files, skipped, threshold, batch_size,
+                                            torch_device, log)
+        with reporting_write_errors(out / REPORT_FILE):  # a read-only folder or a full disk: one line
+            (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _detect_and_draw(out: Path, used: set[str], model: Any, processor: Any, files: Sequence[Path],
+                     skipped: list[dict[str, str]], threshold: float, batch_size: int, device: torch.device,
+                     log: Any) -> list[dict[str, Any]]:
+    """The report's "images": each readable file's detections, drawn into ``out`` under a name not in ``used``.
+    Files that cannot be used are added to ``skipped``."""
     readable, sizes = _readable_sizes(files, skipped, log)
     names = [_output_name(path, used) for path in readable]  # from the inputs' order, whatever the batching
     entries: dict[int, dict[str, Any]] = {}
     for batch in same_size_batches(sizes, batch_size):
-        done = _run_batch(model, processor, [readable[i] for i in batch], batch, threshold, torch_device, skipped, log)
+        done = _run_batch(model, processor, [readable[i] for i in batch], batch, threshold, device, skipped, log)
         for index, (entry, image, detections) in done.items():  # drawn now: decoded images are not kept
-            draw_report_detections(image, detections, model.config.id2label).save(out / names[index])
+            with reporting_write_errors(out / names[index]):
+                draw_report_detections(image, detections, model.config.id2label).save(out / names[index])
             entries[index] = {**entry, "output_image": names[index], "detections": detections}
             log(f"{entry['path']}: {len(detections)} detection(s) -> {out / names[index]}")
-    report["images"] = [entries[i] for i in sorted(entries)]
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    return report
+    return [entries[i] for i in sorted(entries)]
 
 
-__all__ = ["ModelLoadError", "collect_images", "open_image", "resolve_device", "load_detector", "detect",
-           "draw_report_detections", "predict_images"]
+__all__ = ["ModelLoadError", "UnusableImageError", "collect_images", "without_own_drawings", "open_image",
+           "resolve_device", "load_detector", "detect", "draw_report_detections", "predict_images"]

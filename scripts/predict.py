@@ -10,8 +10,15 @@ xmin/ymin/xmax/ymax pixels) and <output_dir>/<image stem>.png with the boxes, la
 loaded with trust_remote_code=True. Images are processed in batches of --batch_size, on the GPU when one is
 present (--device auto).
 
-Exit status: 0 when at least one image was processed (paths that are not images are reported and skipped),
-1 when the model cannot be loaded or no image could be read, 2 for bad arguments.
+Nothing is lost: a folder another predict.py run is writing is refused (naming its pid), and a folder holding an
+earlier run's detections.json is refused unless --overwrite, which replaces that run's report and drawings only.
+Images a run drew (listed in the detections.json beside them) are never read as inputs; their count is printed.
+
+Exit status: 0 when at least one image was processed; each input that cannot be used (not an image, over PIL's
+decompression-bomb limit, a size whose resize reaches zero pixels) is reported on one "skipped" line on stderr and
+counted at the end, and the others are still processed. 1 when the model cannot be loaded, the output folder is
+refused or cannot be written (one line naming the path and the OS reason; the traceback with --debug) or no image
+could be read, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from modeling_detr_custom.checks import debug_requested
 from modeling_detr_custom.predict import REPORT_FILE, ModelLoadError, predict_images
 
 
@@ -32,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="predictions", help="where the JSON and the drawn images go")
     p.add_argument("--batch_size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report and drawings of an earlier run in --output_dir (nothing else)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     if not 0.0 <= args.threshold < 1.0:
         p.error(f"--threshold {args.threshold} must be in [0, 1)")
@@ -45,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda message: print(message, file=sys.stderr if message.startswith("skipped") else sys.stdout)  # noqa: E731
     try:
         report = predict_images(args.model, args.inputs, threshold=args.threshold, output_dir=args.output_dir,
-                                batch_size=args.batch_size, device=args.device, log=log)
+                                batch_size=args.batch_size, device=args.device, log=log, overwrite=args.overwrite)
     except (ModelLoadError, ValueError) as err:
+        if debug_requested(argv):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 1
     results = Path(args.output_dir) / REPORT_FILE

@@ -135,8 +135,9 @@ def test_predict_into_the_input_folder_keeps_every_input_and_foreign_file(tmp_pa
     report = json.loads((folder / "detections.json").read_text())
     assert [i["output_image"] for i in report["images"]] == ["palette_1.png", "other_1.png"]
     assert Image.open(folder / "palette_1.png").size == (64, 48)
-    # a second run may replace what the first one wrote, and nothing else
-    assert PREDICT.main(["--model", str(model), str(folder / "palette.png"), "--output_dir", str(folder)]) == 0
+    # a second run, with --overwrite, may replace what the first one wrote, and nothing else
+    assert PREDICT.main(["--model", str(model), str(folder / "palette.png"), "--output_dir", str(folder),
+                         "--overwrite"]) == 0
     assert {k: v for k, v in snapshot(folder).items() if k in before} == before
     assert json.loads((folder / "detections.json").read_text())["images"][0]["output_image"] == "palette_1.png"
     foreign = tmp_path / "foreign"
@@ -367,9 +368,15 @@ def test_bad_files_and_folders_are_one_clear_line(tmp_path: Path, cache_dir: Pat
 def test_resume_with_another_config_is_one_line_naming_the_mismatch(finished_run: Path, cache_dir: Path,
                                                                      tmp_path: Path) -> None:
     out = copy_run(finished_run, tmp_path)
+    args = tiny_run_args(out, cache_dir, "--resume_from_checkpoint", "latest", "--config_overrides", "num_queries=20",
+                         steps=3)
+    with pytest.raises(ValueError, match=r"^cannot resume with --config_overrides num_queries=20: the run used "
+                                         r"--config_overrides unset \(.*training_args.json\)"):
+        TRAIN["main"](args)  # the options against the run's record (issue 25), before anything is built
+    (out / "training_args.json").unlink()  # a run without its record: the checkpoint itself refuses the model
+    fresh_accelerate_state_reset()
     with pytest.raises(ValueError) as error:
-        TRAIN["main"](tiny_run_args(out, cache_dir, "--resume_from_checkpoint", "latest", "--config_overrides",
-                                    "num_queries=20", steps=3))
+        TRAIN["main"](args)
     message = str(error.value)
     assert "\n" not in message and "checkpoint-2: it does not fit this model" in message
     assert "size mismatch for model.query_position_embeddings.weight" in message and "--config_overrides" in message

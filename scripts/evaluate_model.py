@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from modeling_detr_custom.checks import run_cli
+from modeling_detr_custom.checks import check_not_model_file, reporting_write_errors, run_cli
 from modeling_detr_custom.training import EvalArguments, evaluate_folder, parse_eval_args
 from modeling_detr_custom.training.evaluation import results_path, write_results
 
@@ -26,11 +26,13 @@ def parse_args(argv: list[str] | None = None) -> EvalArguments:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     path = results_path(args)  # refused before any work if it exists
+    check_not_model_file(path)  # --output_file MODEL/config.json would break the model, overwrite or not
     result = evaluate_folder(args)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        write_results(result, path)
+        with reporting_write_errors(path):  # a read-only folder or a full disk: one line naming the path
+            write_results(result, path)
         print(json.dumps(result, indent=2))
     return result
 

@@ -12,8 +12,9 @@ with trust_remote_code=True and must give the source model's outputs.
 
 --local_dir alone builds and checks the folder there and stops (no network, no token); add --upload to push
 that folder too. Without --local_dir the folder is built in <model_dir>-hub and uploaded.
-Exit status: 0 on success, 1 when building/checking/uploading fails (the message names the cause and the
-built folder is kept), 2 for bad arguments.
+Exit status: 0 on success, 1 when the model cannot be loaded or building/checking/uploading fails (the message
+names the cause and the built folder is kept; the traceback with --debug or DETR_CUSTOM_DEBUG=1), 2 for bad
+arguments.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from modeling_detr_custom.checks import debug_requested
 from modeling_detr_custom.hub import DEFAULT_LICENSE, HubError, check_repo_id, push_model_folder
 
 
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--license", default=DEFAULT_LICENSE,
                    help=f"Hub license id for the card (default {DEFAULT_LICENSE})")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     try:
         check_repo_id(args.repo_id)
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                                    commit_message=args.commit_message, metrics_file=args.metrics_file,
                                    upload=upload, token=args.token, license=args.license)
     except (HubError, ValueError) as err:
+        if debug_requested(argv):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 1
     if upload:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..checks import load_checked
+from ..checks import follow_umask, load_checked, reporting_write_errors
 from ..image_processing_detr_custom import DetrCustomImageProcessor
 from ..modeling_detr_custom import DetrCustomForObjectDetection
 from ..outputs import WEIGHTS_FILE
@@ -95,11 +95,11 @@ def load_source(model_dir: Path) -> tuple[DetrCustomForObjectDetection, DetrCust
         if not (model_dir / name).is_file():
             raise HubError(f"{model_dir} has no {name}: save the model and its image processor there with "
                            "save_pretrained (train.py does both)")
-    try:  # corrupt, incomplete or non-finite weights: nothing to ship
+    try:  # corrupt, incomplete or non-finite weights, an unreadable config: nothing to ship
         model = load_checked(DetrCustomForObjectDetection, model_dir, dtype=torch.float32).eval()
-    except ValueError as err:
-        raise HubError(str(err)) from None
-    processor = DetrCustomImageProcessor.from_pretrained(model_dir)
+        processor = DetrCustomImageProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise HubError(f"cannot load the model in {model_dir}: {' '.join(str(err).split())}") from None
     return model, processor
 
 
@@ -123,12 +123,14 @@ def _check_folder(folder: Path) -> None:
 
 
 def save_folder(model: DetrCustomForObjectDetection, processor: DetrCustomImageProcessor, folder: Path) -> None:
-    """save_pretrained of both: weights, configs with auto_map, and every remote-code file."""
+    """save_pretrained of both: weights, configs with auto_map, and every remote-code file; modes as the umask
+    gives any new file (safetensors writes its weights 0600)."""
     model.save_pretrained(folder)
     # Records AutoImageProcessor in preprocessor_config.json's auto_map and ships the processor's module;
     # idempotent, and harmless once image_processing_detr_custom.py registers itself.
     type(processor).register_for_auto_class("AutoImageProcessor")
     processor.save_pretrained(folder)
+    follow_umask(folder)
 
 
 # ----------------------------------------------------------------------------- verify in a fresh process
@@ -367,10 +369,11 @@ def build_model_folder(model_dir: str | os.PathLike, repo_id: str, local_dir: st
     metrics = read_metrics(eval_file)  # before touching local_dir: a bad metrics file deletes nothing
     info = read_training_info(model_dir, training_info, eval_file)
     model, processor = load_source(model_dir)
-    _prepare_local_dir(folder, model_dir)
-    save_folder(model, processor, folder)
     context = card_context(model, processor, repo_id, metrics, eval_file, info, license=license)
-    (folder / "README.md").write_text(render_model_card(context))
+    with reporting_write_errors(folder):  # a read-only place or a full disk: one line naming the path
+        _prepare_local_dir(folder, model_dir)
+        save_folder(model, processor, folder)
+        (folder / "README.md").write_text(render_model_card(context))
     _check_folder(folder)
     if verify:
         verify_folder(folder, model, processor)

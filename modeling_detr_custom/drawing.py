@@ -8,6 +8,7 @@ Formats, per image:
 
 * ``detections``: {"boxes": (n, 4) absolute (x0, y0, x1, y1) pixels of the image, "scores": (n,),
   "labels": (n,) model label ids}, as ``post_process_object_detection`` returns them (tensors, arrays or lists);
+  without "scores" (a dataset's own boxes: ``data.pictures``) a tag holds the label alone;
 * ``ground_truth``: (m, 4) absolute COCO (x, y, w, h) pixels of the image.
 
 A prediction is outlined in its label's colour (`label_colour`) with a filled "label score" tag above it;
@@ -77,15 +78,17 @@ def draw_detections(image: PIL.Image.Image, detections: Mapping[str, Any], id2la
     draw = ImageDraw.Draw(canvas)
     for x, y, w, h in (ground_truth if ground_truth is not None else []):
         draw.rectangle([round(x), round(y), round(x + w), round(y + h)], outline=GROUND_TRUTH_COLOUR, width=1)
-    found = zip(_tolist(detections["boxes"]), _tolist(detections["scores"]), _tolist(detections["labels"]))
-    ordered = sorted(found, key=lambda item: item[1])  # the best box is drawn last, on top
+    labels = _tolist(detections["labels"])
+    scores = _tolist(detections["scores"]) if detections.get("scores") is not None else [None] * len(labels)
+    found = zip(_tolist(detections["boxes"]), scores, labels)
+    ordered = sorted(found, key=lambda item: item[1] or 0.0)  # the best box is drawn last, on top
     boxes = [[round(v) for v in box] for box, _, _ in ordered]
     width = line_width(canvas.size)
     for (_, _, label), box in zip(ordered, boxes):
         draw.rectangle(box, outline=label_colour(int(label)), width=width)
     font = _font(max(11, round(min(canvas.size) / 30)))
     for (_, score, label), box in zip(ordered, boxes):  # tags after all boxes, so no outline crosses a text
-        text = f"{_label_name(id2label, label)} {score:.2f}"
+        text = _label_name(id2label, label) + ("" if score is None else f" {score:.2f}")
         _draw_tag(draw, canvas.size, box, text, label_colour(int(label)), font)
     return canvas
 
@@ -139,7 +142,7 @@ def _tile(image: PIL.Image.Image, detections: Mapping[str, Any], id2label: Mappi
     tile = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)),
                                        PIL.Image.NEAREST)  # nearest: the pixels stay visible as the model saw them
     scaled = {"boxes": [[v * scale for v in box] for box in _tolist(detections["boxes"])],
-              "scores": detections["scores"], "labels": detections["labels"]}
+              "scores": detections.get("scores"), "labels": detections["labels"]}
     truth = None if ground_truth is None else [[v * scale for v in box] for box in ground_truth]
     return draw_detections(tile, scaled, id2label, truth)
 
@@ -153,7 +156,9 @@ def _legend_items(detections: Sequence[Mapping[str, Any]], id2label: Mapping[int
     """Ground truth (if shown), then each predicted label's colour and name."""
     labels = sorted({int(label) for det in detections for label in _tolist(det["labels"])})
     items: list[_LegendItem] = [((GROUND_TRUTH_COLOUR, 1), "ground truth")] if with_truth else []
-    items.append((None, "predictions (label score):" + ("" if labels else " none")))
+    scored = any(det.get("scores") is not None for det in detections)
+    title = "predictions (label score):" if scored else "boxes (label):"
+    items.append((None, title + ("" if labels else " none")))
     return items + [((label_colour(label), 2), _label_name(id2label, label)) for label in labels]
 
 

@@ -5,6 +5,8 @@ Boxes are ``(n, 4)`` tensors in ABSOLUTE pixels, in one of two formats:
 * COCO ``xywh``: ``(x, y, w, h)``, top-left corner plus size (dataset rows, COCO json, the processor's input);
 * ``xyxy``: ``(x0, y0, x1, y1)``, top-left and bottom-right corners (what augmentation works in).
 
+:func:`cxcywh_to_xyxy` also reads centre-size boxes (a declared ``--box_format``, model targets), in any units.
+
 Every function keeps the dtype it is given, so callers choose the precision: the COCO loader works in float64
 (what Python floats gave before), training targets in float32. The image processor applies the same rule to the
 annotations it is given (clip to the image, drop boxes without area); it is remote code and keeps its own copy.
@@ -24,6 +26,11 @@ def xywh_to_xyxy(boxes: Tensor) -> Tensor:
 def xyxy_to_xywh(boxes: Tensor) -> Tensor:
     """boxes: (n, 4) absolute pixel (x0, y0, x1, y1) -> (n, 4) absolute pixel COCO (x, y, w, h)."""
     return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+
+
+def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """boxes: (n, 4) (cx, cy, w, h) -> (n, 4) (x0, y0, x1, y1), in the same units (pixels or normalised)."""
+    return torch.cat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], dim=1)
 
 
 def clip_to_image(boxes: Tensor, width: float | Tensor, height: float | Tensor) -> Tensor:

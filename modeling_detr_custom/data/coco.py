@@ -160,6 +160,7 @@ def _listed_image_ids(split: CocoSplit, images: list[dict]) -> set[int]:
 
 def _load_coco_split(
     split: CocoSplit, contiguous_labels: bool, on_bad_data: str, full_decode_check: bool, cache_dir: str | None,
+    box_format: str = "xywh",
 ) -> tuple[datasets.Dataset, LabelMapping, dict[str, int]]:
     """Check, clean and build one split (cached by :func:`fingerprint`)."""
     ann_bytes, coco = _read_coco_file(split)
@@ -170,12 +171,14 @@ def _load_coco_split(
     images = check_images(coco["images"], split.image_dir, full_decode_check, report, raise_on_bad)
     listed = _listed_image_ids(split, coco["images"])
     by_image = clean_annotations(coco["annotations"], images, listed, mapping.category_id_to_label, report,
-                                 raise_on_bad)
+                                 raise_on_bad, box_format, where=str(split.annotation_file))
     finish_report(report, by_image)
     if not by_image:
         raise ValueError(f"split {split.name!r} of {split.annotation_file.parent.parent}: no usable image; "
                          f"report: {report}")
     options = {"contiguous": contiguous_labels, "full_decode": full_decode_check, "split": split.name}
+    if box_format != "xywh":  # only then: the cache keys of xywh files stay those of before the option
+        options["box_format"] = box_format
     key = fingerprint(split.image_dir, ann_bytes, options)
     ds = build_split_dataset(split.name, by_image, images, mapping.names, key, cache_dir)
     return ds, mapping, report
@@ -183,7 +186,8 @@ def _load_coco_split(
 
 def load_coco_folder_with_info(coco_dir: str | Path, contiguous_labels: bool = False,
                                splits: Sequence[str] | None = None, on_bad_data: Literal["skip", "raise"] = "skip",
-                               full_decode_check: bool = False, cache_dir: str | None = None) -> DetectionData:
+                               full_decode_check: bool = False, cache_dir: str | None = None,
+                               box_format: str = "xywh") -> DetectionData:
     """Like :func:`load_coco_folder`, also returning the label mapping, report and json paths."""
     if on_bad_data not in ("skip", "raise"):
         raise ValueError(f"on_bad_data must be 'skip' or 'raise', got {on_bad_data!r}")
@@ -195,7 +199,7 @@ def load_coco_folder_with_info(coco_dir: str | Path, contiguous_labels: bool = F
     out, reports, mappings = {}, {}, []
     for name in names:
         out[name], mapping, reports[name] = _load_coco_split(found[name], contiguous_labels, on_bad_data,
-                                                             full_decode_check, cache_dir)
+                                                             full_decode_check, cache_dir, box_format)
         mappings.append(mapping)
         log_report(name, reports[name])
     if any(m != mappings[0] for m in mappings):
@@ -206,7 +210,7 @@ def load_coco_folder_with_info(coco_dir: str | Path, contiguous_labels: bool = F
 
 def load_coco_folder(coco_dir: str | Path, contiguous_labels: bool = False, splits: Sequence[str] | None = None,
                      on_bad_data: Literal["skip", "raise"] = "skip", full_decode_check: bool = False,
-                     cache_dir: str | None = None) -> DatasetDict:
+                     cache_dir: str | None = None, box_format: str = "xywh") -> DatasetDict:
     """Load a local COCO folder as a :class:`datasets.DatasetDict` (schema: :mod:`.schema`).
 
     Args:
@@ -221,8 +225,12 @@ def load_coco_folder(coco_dir: str | Path, contiguous_labels: bool = False, spli
         full_decode_check: fully decode every image up-front (slow) to also catch truncated files.
         cache_dir: datasets cache folder; the cache key includes a hash of the annotation file
             and of the image folder listing, so editing either rebuilds the dataset.
+        box_format: the format of the json's ``bbox`` (:mod:`.box_format`): COCO's ``xywh`` by definition, but
+            files with ``xyxy`` or normalised boxes exist; rows always hold COCO xywh pixels. Numbers that look
+            like another format than this one are a ValueError naming the likely format.
 
     Use :func:`load_coco_folder_with_info` to also get the label mapping and the report.
     """
-    data = load_coco_folder_with_info(coco_dir, contiguous_labels, splits, on_bad_data, full_decode_check, cache_dir)
+    data = load_coco_folder_with_info(coco_dir, contiguous_labels, splits, on_bad_data, full_decode_check, cache_dir,
+                                      box_format)
     return data.dataset

@@ -1,8 +1,10 @@
 """Up-front checks of a COCO split: every image probed, every annotation cleaned, all of it counted.
 
 Bad data is found before training, never in the middle of an epoch: every image header is opened
-(``PIL.Image.open`` + ``verify``), boxes are clipped to their image and boxes without area dropped (the rule of
-:mod:`.boxes`), and each split gets a report of what was fixed or skipped (see :data:`REPORT_KEYS`).
+(``PIL.Image.open`` + ``verify``), boxes are read in their declared format (COCO xywh unless ``box_format`` says
+otherwise; numbers that look like another format are an error, :mod:`.box_format`), clipped to their image and
+boxes without area dropped (the rule of :mod:`.boxes`), and each split gets a report of what was fixed or skipped
+(see :data:`REPORT_KEYS`).
 With ``raise_on_bad`` the first missing/corrupt image, unknown category or orphan annotation raises ValueError.
 """
 
@@ -20,7 +22,8 @@ import torch
 from PIL import Image
 
 from ..image_processing_detr_custom import HIGH_BIT_DEPTH_FULL_SCALE
-from .boxes import clip_to_image, has_area, xywh_to_xyxy, xyxy_to_xywh
+from .box_format import check_box_format, to_xyxy
+from .boxes import clip_to_image, has_area, xyxy_to_xywh
 
 logger = logging.getLogger(__name__)
 
@@ -137,18 +140,20 @@ def check_images(images: list[dict], image_dir: Path, full_decode: bool, report:
 
 def clean_annotations(
     annotations: list[dict], images: dict[int, ImageInfo], listed_ids: set[int],
-    cat_to_label: dict[int, int], report: dict, raise_on_bad: bool,
+    cat_to_label: dict[int, int], report: dict, raise_on_bad: bool, box_format: str = "xywh",
+    where: str = "annotations",
 ) -> dict[int, list[dict]]:
     """Group usable annotations by image id; clip, drop and count the rest (see REPORT_KEYS).
 
     Annotations are checked one by one (so "raise" mode stops at the first bad one in file order), then the
-    boxes of all of them are clipped and dropped at once.
+    boxes of all of them are read as ``box_format`` (:mod:`.box_format`: ValueError naming ``where`` when their
+    numbers look like another format), converted, clipped and dropped at once.
     """
     usable = [ann for ann in annotations if _known_image_and_category(ann, images, listed_ids, cat_to_label,
                                                                       report, raise_on_bad)]
     parsed = [(ann, box) for ann in usable if (box := _parse_box(ann.get("bbox"), report)) is not None]
     owners = [images[int(ann["image_id"])] for ann, _ in parsed]
-    boxes, keep = _clip_boxes([box for _, box in parsed], owners, report)
+    boxes, keep = _clip_boxes([box for _, box in parsed], owners, report, box_format, where)
     by_image: dict[int, list[dict]] = {i: [] for i in images}
     for (ann, _), box, kept in zip(parsed, boxes, keep):
         if kept:
@@ -175,7 +180,8 @@ def _known_image_and_category(ann: dict, images: dict[int, ImageInfo], listed_id
 
 
 def _parse_box(bbox: Any, report: dict) -> tuple[float, float, float, float] | None:
-    """A COCO ``[x, y, w, h]`` as 4 finite floats, or None (counted as ``invalid_bbox_dropped``)."""
+    """A ``bbox`` (COCO ``[x, y, w, h]`` unless declared otherwise) as 4 finite floats, or None (counted as
+    ``invalid_bbox_dropped``)."""
     try:
         box = tuple(float(v) for v in bbox)
     except (TypeError, ValueError):
@@ -186,15 +192,18 @@ def _parse_box(bbox: Any, report: dict) -> tuple[float, float, float, float] | N
     return box
 
 
-def _clip_boxes(boxes: list[tuple[float, ...]], images: list[ImageInfo], report: dict
-                ) -> tuple[list[list[float]], list[bool]]:
+def _clip_boxes(boxes: list[tuple[float, ...]], images: list[ImageInfo], report: dict, box_format: str,
+                where: str) -> tuple[list[list[float]], list[bool]]:
     """(COCO [x, y, w, h] boxes clipped to their image, which have area); counts clipped and dropped boxes.
 
-    float64, so the stored float32 values are those of plain Python arithmetic on the json numbers.
+    The format is recognised before the clip, which would hide the evidence (xyxy corners read as xywh end past
+    the image). float64, so the stored float32 values are those of plain Python arithmetic on the json numbers.
     """
-    xyxy = xywh_to_xyxy(torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4))
+    raw = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
     width = torch.tensor([float(i.width) for i in images], dtype=torch.float64)
     height = torch.tensor([float(i.height) for i in images], dtype=torch.float64)
+    check_box_format(raw, width, height, box_format, where)
+    xyxy = to_xyxy(raw, box_format, width, height)
     clipped = clip_to_image(xyxy, width, height)
     keep = has_area(clipped)
     report["zero_area_boxes_dropped"] += int((~keep).sum())

@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
 from datasets import ClassLabel, DatasetDict, Features, List, Value
 
 
@@ -137,10 +139,17 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
+def category_feature(features: Features) -> Any:
+    """The feature of ``objects.category`` (a ClassLabel in this schema), whichever layout ``objects`` has: a
+    dict of lists (``{"category": List(ClassLabel)}``) or a list of dicts (``List({"category": ClassLabel})``)."""
+    objects = features["objects"]
+    category = (objects.feature if isinstance(objects, List) else objects)["category"]
+    return getattr(category, "feature", category)
+
+
 def label_mapping_from_features(features: Features) -> LabelMapping:
     """Identity mapping from a dataset's ``objects.category`` ClassLabel (Hub / saved datasets)."""
-    category = features["objects"]["category"]
-    feature = getattr(category, "feature", category)
+    feature = category_feature(features)
     if not isinstance(feature, ClassLabel):
         raise ValueError(
             f"objects.category must be a ClassLabel (its names become id2label), got {feature!r}; "
@@ -183,6 +192,78 @@ def objects_as_columns(objects: Mapping[str, Sequence] | Sequence[Mapping[str, A
     columns.setdefault("bbox", [])
     columns.setdefault("category", [])
     return columns
+
+
+@dataclass
+class BoxColumns:
+    """A split's boxes as arrays, read from its Arrow columns: no image decoded, no row built (:func:`box_columns`).
+
+    Attributes:
+        image_ids: (m,) int64, per row (the row index when the split has no ``image_id``).
+        widths, heights: (m,) float64 image size in pixels per row, or None when the split has no such column.
+        counts: (m,) int64 boxes per row.
+        boxes: (n, 4) float64, every row's ``objects["bbox"]`` as stored (COCO ``[x, y, w, h]`` pixels in rows of
+            this package), rows one after the other.
+        categories: (n,) int64 ``objects["category"]``; iscrowd: (n,) int64 (0 without the field).
+    """
+
+    image_ids: np.ndarray
+    widths: np.ndarray | None
+    heights: np.ndarray | None
+    counts: np.ndarray
+    boxes: np.ndarray
+    categories: np.ndarray
+    iscrowd: np.ndarray
+
+    @property
+    def owners(self) -> np.ndarray:
+        """(n,) the row of each box."""
+        return np.repeat(np.arange(len(self.counts)), self.counts)
+
+
+def box_columns(dataset: datasets.Dataset, name: str = "dataset") -> BoxColumns:
+    """The boxes of ``dataset`` (either layout of ``objects``: a dict of lists or a list of dicts) as arrays,
+    from its Arrow table (fast: 10,000 rows in milliseconds). ValueError naming ``name`` and the row when a
+    ``bbox`` does not have 4 numbers."""
+    wanted = [c for c in ("image_id", "width", "height", "objects") if c in dataset.column_names]
+    table = dataset.select_columns(wanted).with_format("arrow")[:]
+    objects = table.column("objects").combine_chunks()
+    if pa.types.is_struct(objects.type):  # {"bbox": [...], "category": [...]}: one list per field
+        counts = objects.field("bbox").value_lengths().fill_null(0)
+        field = {k: objects.field(k).flatten() for k in ("bbox", "category", "iscrowd")
+                 if objects.type.get_field_index(k) >= 0}
+    else:  # [{"bbox": ..., "category": ...}, ...]: one struct per object
+        counts = objects.value_lengths().fill_null(0)
+        flat = objects.flatten()
+        field = {k: flat.field(k) for k in ("bbox", "category", "iscrowd") if flat.type.get_field_index(k) >= 0}
+    counts = counts.to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = len(counts)
+
+    def per_row(column: str, dtype: type) -> np.ndarray | None:
+        return table.column(column).to_numpy().astype(dtype) if column in wanted else None
+
+    image_ids = per_row("image_id", np.int64)
+    return BoxColumns(image_ids if image_ids is not None else np.arange(rows), per_row("width", np.float64),
+                      per_row("height", np.float64), counts, _bbox_array(field["bbox"], counts, name),
+                      _numbers(field.get("category"), counts.sum()), _numbers(field.get("iscrowd"), counts.sum()))
+
+
+def _bbox_array(bbox: pa.Array, counts: np.ndarray, name: str) -> np.ndarray:
+    """(n, 4) float64 of an Arrow array of n boxes (fixed-size or variable lists)."""
+    if not pa.types.is_fixed_size_list(bbox.type):
+        lengths = bbox.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+        if (lengths != 4).any():
+            bad = int(np.nonzero(lengths != 4)[0][0])
+            row = int(np.searchsorted(np.cumsum(counts), bad, side="right"))
+            raise ValueError(f"{name}: row {row} has a bbox of {lengths[bad]} numbers; expected 4 (x, y, w, h)")
+    values = bbox.flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.float64).reshape(-1, 4)
+
+
+def _numbers(column: pa.Array | None, n: int) -> np.ndarray:
+    """(n,) int64 of an Arrow column (nulls as 0), or zeros without one."""
+    return np.zeros(n, np.int64) if column is None else column.fill_null(0).to_numpy(zero_copy_only=False).astype(
+        np.int64)
 
 
 def metric_references(dataset: datasets.Dataset,

@@ -13,6 +13,11 @@ RESULTS_FILE = "all_results.json"  # train.py: final COCO metrics + run facts
 EVAL_RESULTS_FILE = "eval_results.json"  # scripts/evaluate_model.py: COCO metrics of a saved model on one split
 PICTURE_FILE = "detections.png"
 CURVES_FILE = "training_curves.png"
+# Written before training (and by scripts/inspect_data.py): sample training images with their boxes as stored, and as
+# the model sees them after the train transforms. Not in RUN_FILES: they come from the data alone, every run rewrites
+# them, so inspecting the data into a folder does not make it "a previous run" that train.py would refuse.
+DATA_PICTURE_FILE = "data_samples.png"
+TRAINING_INPUTS_PICTURE_FILE = "training_inputs.png"
 LOGS_DIR = "logs"  # accelerate trackers (tensorboard, ...)
 WEIGHTS_FILE = "model.safetensors"
 

@@ -19,7 +19,7 @@ from transformers import HfArgumentParser
 
 from ..checks import DEBUG_ENV, read_json
 from ..coco_metric import resolve_backend
-from ..data import SYNTHETIC_DEFAULTS
+from ..data import SYNTHETIC_DEFAULTS, BoxFormat
 from .presets import MODEL_PRESETS, TRAINING_PRESETS
 
 PRESET = "default: from the --model_config preset"
@@ -44,6 +44,10 @@ class DataArguments:
     on_bad_data: Literal["skip", "raise"] = _opt(
         "skip (and count in the log) or raise on missing/corrupt images, unknown categories", "skip")
     full_decode_check: bool = _opt("decode every image up front (slow; also finds truncated files)", False)
+    box_format: BoxFormat | None = _opt(
+        "the boxes of a COCO folder or a Hub / saved dataset: xywh (COCO's, the default), xyxy (corners), cxcywh, or "
+        "one of them _normalized to [0, 1] by the image size; converted to COCO xywh pixels when loading (YOLO "
+        "folders: always normalised cx cy w h)")
     coco_eval_backend: Literal["auto", "faster", "pycocotools"] = _opt(
         "COCO AP engine: faster-coco-eval (same AP, several times faster), pycocotools, or auto (faster if "
         "installed)", "auto")
@@ -275,9 +279,9 @@ SYNTHETIC_OPTIONS = tuple(f"synthetic_{k}" for k in SYNTHETIC_DEFAULTS)
 # What a run trains on and what it is. A resume with another value would continue a different run under the same
 # records (training_args.json, metrics.jsonl, the checkpoints), so it is refused. --ema_decay is one of them only
 # when it switches the average on or off (`resume_changes`).
-RUN_DEFINING_OPTIONS = (*DATA_SOURCES, *SYNTHETIC_OPTIONS, "contiguous_labels", "train_split", "max_train_samples",
-                        "model_config", "config_overrides", "model_name_or_path", "backbone_weights", "image_size",
-                        "max_size", "augmentation")
+RUN_DEFINING_OPTIONS = (*DATA_SOURCES, *SYNTHETIC_OPTIONS, "box_format", "contiguous_labels", "train_split",
+                        "max_train_samples", "model_config", "config_overrides", "model_name_or_path",
+                        "backbone_weights", "image_size", "max_size", "augmentation")
 # Used from the resumed step on and logged as a WARNING: the steps from there differ from an uninterrupted run's.
 TRAJECTORY_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                       "backbone_learning_rate", "weight_decay", "max_grad_norm", "lr_drop_epochs", "warmup_steps",
@@ -366,6 +370,8 @@ class EvalArguments(DataArguments):
     cpu: bool = _opt("run on the CPU even with a GPU", False)
     output_file: str | None = _opt("default: <model>/eval_results.json")
     overwrite_output_file: bool = _opt("replace an existing --output_file (else refused)", False)
+    allow_empty_split: bool = _opt("evaluate a split without any usable box (its AP means nothing) instead of "
+                                   "refusing it", False)
     debug: bool = _opt(f"show the traceback of an error, not only its one-line message (or set {DEBUG_ENV}=1)",
                        False)
 

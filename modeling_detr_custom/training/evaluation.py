@@ -26,6 +26,7 @@ from ..image_processing_detr_custom import DetrCustomImageProcessor
 from ..modeling_detr_custom import DetrCustomForObjectDetection
 from ..outputs import EVAL_RESULTS_FILE
 from .arguments import EvalArguments
+from .data_check import check_evaluation_data
 from .factories import first_rows, load_data, make_eval_dataloader
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def evaluate_folder(args: EvalArguments) -> dict[str, Any]:
     split = args.split or find_split(data.dataset, "eval")
     if split not in data.dataset:
         raise ValueError(f"split {split!r} not in the dataset; splits: {list(data.dataset)}")
+    data = check_evaluation_data(args, data, split, model.config, processor)  # before any prediction
     dataset = first_rows(without_image_decoding(data.dataset[split]), args.max_eval_samples)
     # the mapping saved at training, else the dataset's
     mapping = model.config.label_to_category_id or dict(data.label_mapping.label_to_category_id)

@@ -42,21 +42,27 @@ logger = logging.getLogger(__name__)
 
 
 def load_data(args: DataArguments, contiguous_labels: bool) -> DetectionData:
-    """The dataset of the options: a Hub name, a saved dataset, a YOLO or COCO folder, or the synthetic default.
+    """The dataset of the options: a Hub name, a saved dataset, a YOLO or COCO folder, or the synthetic default,
+    with its boxes read in ``--box_format`` (COCO xywh pixels when unset). `data_check.py` checks it next.
 
     Call under ``accelerator.main_process_first()`` with several processes (it may build caches).
     """
     datasets_cache = str(Path(args.cache_dir) / "datasets") if args.cache_dir else None
+    box_format = args.box_format or "xywh"
     if args.dataset_name or args.dataset_path:
         return load_detection_dataset(dataset_name=args.dataset_name, dataset_path=args.dataset_path,
                                       contiguous_labels=contiguous_labels, on_bad_data=args.on_bad_data,
-                                      cache_dir=datasets_cache)
+                                      cache_dir=datasets_cache, box_format=box_format)
     if args.yolo_dir:
+        if args.box_format:
+            raise ValueError(f"--box_format {args.box_format} does not apply to a YOLO folder: its labels are "
+                             "'class cx cy w h' normalised to [0, 1] by definition; leave --box_format out")
         return load_yolo_folder_with_info(args.yolo_dir, on_bad_data=args.on_bad_data,
                                           full_decode_check=args.full_decode_check, cache_dir=datasets_cache)
     coco_dir = args.coco_dir or synthetic_coco_dir(args.cache_dir, args.synthetic_spec())
     return load_coco_folder_with_info(coco_dir, contiguous_labels=contiguous_labels, on_bad_data=args.on_bad_data,
-                                      full_decode_check=args.full_decode_check, cache_dir=datasets_cache)
+                                      full_decode_check=args.full_decode_check, cache_dir=datasets_cache,
+                                      box_format=box_format)
 
 
 def make_image_processor(args: TrainArguments) -> DetrCustomImageProcessor:

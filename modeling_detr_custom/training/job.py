@@ -20,6 +20,7 @@ from ..image_processing_detr_custom import DetrCustomImageProcessor
 from ..outputs import LOGS_DIR
 from .arguments import TrainArguments
 from .checkpoints import TrainState, load_checkpoint, writing
+from .data_check import check_training_data
 from .ema import ModelEMA
 from .factories import (
     create_model,
@@ -151,8 +152,8 @@ def setup(args: TrainArguments, checkpoint: Path | None = None) -> Job:
     set_seed(args.seed, device_specific=True)  # seed + rank, like the original (DDP broadcasts rank 0's weights)
     with accelerator.main_process_first():  # builds the synthetic data and the datasets cache once
         data = load_data(args, args.contiguous_labels)
-    for split, report in data.report.items():
-        logger.info("data %s: %s", split, {k: v for k, v in report.items() if v})
+    # the one data check (data/inspection.py) before the model is built or any step runs; pictures from the main process
+    data, _ = check_training_data(args, data, write_pictures=accelerator.is_main_process)
     model = create_model(args, data, resuming=checkpoint is not None)
     processor = make_image_processor(args)
     train_ds, eval_ds, train_split, eval_split = load_splits(args, data)

@@ -266,3 +266,17 @@ def test_a_model_folder_that_does_not_load_is_one_line_in_every_tool(tmp_path: P
     assert codes == [1, 1, 1, 1], err
     lines = error_lines(err)
     assert len(lines) == 4 and all("config" in line or "backbone" in line for line in lines), err
+
+
+def test_debug_shows_the_traceback_instead_of_the_line(tmp_path: Path) -> None:
+    """--debug re-raises the error the line would have reported (its traceback is what a bug report needs)."""
+    from modeling_detr_custom.hub import HubError
+    from modeling_detr_custom.predict import ModelLoadError
+
+    missing = str(tmp_path / "no_model")
+    with pytest.raises(ModelLoadError, match="model folder not found"):
+        PREDICT.main(["--model", missing, str(tmp_path), "--debug"])
+    with pytest.raises(ModelLoadError, match="model folder not found"):
+        EXPORT.main(["--model", missing, "--output", str(tmp_path / "detr.onnx"), "--debug"])
+    with pytest.raises(HubError, match="model folder not found"):
+        PUSH.main(["--model_dir", missing, "--repo_id", "someone/x", "--local_dir", str(tmp_path / "hub"), "--debug"])

@@ -257,7 +257,7 @@ def own_drawings(folder: Path) -> set[str]:
     """Names of the images predict.py drew into ``folder``, as the detections.json there lists them."""
     try:
         report = _read_report(folder)
-    except ValueError:  # someone else's detections.json: nothing in this folder is predict's
+    except (ValueError, OSError):  # someone else's (or an unreadable) detections.json: nothing here is predict's
         return set()
     return _drawn_names(report) if report is not None else set()
 

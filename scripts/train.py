@@ -20,7 +20,9 @@ Options can also come from a YAML or JSON file (`--config file.yaml`, keys = opt
 wins over the file, the file over the defaults. Options left unset take the defaults of the `--model_config`
 preset (`demo` without a dataset argument, else `r50`); training_args.json records what the run used.
 
-A new run refuses an --output_dir that holds a previous run (resume it, or pass --overwrite_output_dir).
+A new run refuses an --output_dir that holds a previous run (resume it, or pass --overwrite_output_dir), and any
+run refuses one that another run is using (the folder is held for the whole run). A resume refuses options that
+change what the run is (data, model, EMA on/off: see its training_args.json) and logs the others it changes.
 Errors in the options, the data or a checkpoint are one line `error: ...` (exit status 1); --debug or
 DETR_CUSTOM_DEBUG=1 shows the traceback.
 """

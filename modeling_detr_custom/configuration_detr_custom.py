@@ -5,6 +5,8 @@ original DETR (attention/activation dropout, dropout on the encoder input, posit
 dtype), ours are the original's.
 """
 
+import difflib
+
 from transformers import PreTrainedConfig
 
 COCO_NUM_LABELS = 91  # COCO category ids are used raw (1..90 with gaps): max id + 1
@@ -23,7 +25,9 @@ class DetrCustomConfig(PreTrainedConfig):
 
     Args:
         backbone: timm model name supporting `features_only=True`; only its last (stride-32)
-            feature map is used. Weights are never downloaded at construction.
+            feature map is used. Weights are never downloaded at construction. A name timm does not know is a
+            ValueError naming timm's closest names (names with timm's "hf-hub:" / "local-dir:" prefix are left to
+            timm).
         dilation: replace the stride of the last stage by dilation (DETR-DC5, stride 16).
         backbone_output_stride: None (the original: 32, or 16 with `dilation`), or 8 / 16 / 32 for
             timm's `output_stride` (the last stages dilated instead of strided): 8 gives a 4x finer
@@ -62,7 +66,8 @@ class DetrCustomConfig(PreTrainedConfig):
             about 2x smaller second-layer weights), which the CPU demo preset uses because its tiny
             model learns faster with it (README).
         id2label / label2id: class names; the class head has `num_labels + 1` outputs, the last
-            being "no object". Defaults to COCO's 91 raw ids.
+            being "no object". Defaults to COCO's 91 raw ids. `num_labels` alone gives the names "LABEL_i"; given
+            with `id2label`, it must be its length (a ValueError names both otherwise).
         label_to_category_id: model label id -> the training dataset's category id (COCO json
             `category_id`), recorded by training so that evaluation maps predictions back; None: the
             label ids are the category ids (the original DETR's raw COCO ids).
@@ -120,6 +125,7 @@ class DetrCustomConfig(PreTrainedConfig):
     ):
         if "id2label" not in kwargs and "num_labels" not in kwargs:
             kwargs["num_labels"] = COCO_NUM_LABELS
+        check_num_labels(kwargs.get("num_labels"), kwargs.get("id2label"))
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         kwargs.setdefault("is_encoder_decoder", True)
         self.backbone = backbone
@@ -198,6 +204,39 @@ class DetrCustomConfig(PreTrainedConfig):
                              f"{self.class_cost}, bbox_cost={self.bbox_cost}, giou_cost={self.giou_cost}")
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1; got {self.num_labels}")
+        check_backbone_name(self.backbone)
+
+
+# timm's prefixes of a model that is not in its registry: a Hub repo or a local folder, resolved by timm itself
+TIMM_SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
+def check_backbone_name(name: object) -> None:
+    """ValueError naming timm's closest model names when `name` is not a timm model (a registry lookup: timm's
+    list of names is read only for the message)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"backbone = {name!r}; expected a timm model name such as 'resnet50'")
+    if name.lower().startswith(TIMM_SOURCE_PREFIXES):
+        return
+    import timm  # the model's dependency; imported here so that reading a config alone stays light
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = (f"closest timm names: {', '.join(map(repr, close))}" if close else
+            "no timm name is close (timm.list_models() lists them)")
+    raise ValueError(f"backbone {name!r} is not a timm model; {hint}")
+
+
+def check_num_labels(num_labels: object, id2label: object) -> None:
+    """ValueError when both `num_labels` and `id2label` are given and disagree (transformers would log a warning
+    and silently replace the names by LABEL_0, LABEL_1, ...)."""
+    if num_labels is None or id2label is None or len(id2label) == num_labels:
+        return
+    names = list(dict(id2label).values())
+    shown = ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")
+    raise ValueError(f"num_labels={num_labels!r} disagrees with id2label, which names {len(id2label)} classes "
+                     f"({shown}); give id2label alone (num_labels is its length), or num_labels alone")
 
 
 DetrCustomConfig.register_for_auto_class()

@@ -283,6 +283,33 @@ def test_invalid_configs_raise_at_construction(overrides, message):
         tiny_config(**overrides)
 
 
+def test_an_unknown_backbone_names_timms_closest_names():
+    with pytest.raises(ValueError, match=r"^backbone 'resnet5O' is not a timm model; closest timm names: 'resnet50'"):
+        DetrCustomConfig(backbone="resnet5O")
+    with pytest.raises(ValueError, match=r"backbone 'test_resnt' is not a timm model; closest .*'test_resnet'"):
+        tiny_config(backbone="test_resnt")
+    with pytest.raises(ValueError, match=r"backbone 'qqqqqqq' is not a timm model; no timm name is close"):
+        DetrCustomConfig(backbone="qqqqqqq")
+    with pytest.raises(ValueError, match=r"backbone = None; expected a timm model name"):
+        DetrCustomConfig(backbone=None)
+    config = tiny_config()
+    config.backbone = "resnet_50"  # a config changed after construction is checked where it is validated again
+    with pytest.raises(ValueError, match=r"closest timm names: 'resnet50'"):
+        config.validate_detr()
+    # timm's names with a pretrained tag, and the sources timm resolves itself, are accepted as they are
+    assert DetrCustomConfig(backbone="resnet50.a1_in1k").backbone == "resnet50.a1_in1k"
+    assert DetrCustomConfig(backbone="hf-hub:timm/resnet18.a1_in1k").backbone == "hf-hub:timm/resnet18.a1_in1k"
+
+
+def test_num_labels_that_disagrees_with_id2label_names_both():
+    with pytest.raises(ValueError, match=r"^num_labels=5 disagrees with id2label, which names 3 classes "
+                                         r"\('circle', 'square', 'triangle'\)"):
+        tiny_config(num_labels=5)  # tiny_config gives id2label with 3 names
+    assert tiny_config(num_labels=3).id2label == {0: "circle", 1: "square", 2: "triangle"}
+    assert DetrCustomConfig(num_labels=4).id2label == {i: f"LABEL_{i}" for i in range(4)}
+    assert DetrCustomConfig().num_labels == 91
+
+
 def test_config_defaults_are_the_original_detr_r50():
     config = DetrCustomConfig()
     assert (config.backbone, config.num_queries, config.d_model, config.encoder_layers, config.decoder_layers) == \

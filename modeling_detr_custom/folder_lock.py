@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import socket
 import time
@@ -19,7 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
 LOCK_FILE = ".detr_custom.lock"
+# A file system (or platform) without flock: the folder is used unprotected, with a warning, rather than refused.
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 # The environment variables that give a process's global rank under torchrun / accelerate launch / MPI, as
 # accelerate's own PartialState reads them: only rank 0 (accelerate's main process) takes the lock.
 RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK")
@@ -49,6 +54,9 @@ def hold_folder(folder: str | os.PathLike, tool: str, option: str = "--output_di
         return
     path = folder / LOCK_FILE
     fd = _acquire(path, folder, option)
+    if fd is None:
+        yield folder
+        return
     try:
         record = {"tool": tool, "pid": os.getpid(), "host": socket.gethostname(),
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -64,10 +72,14 @@ def hold_folder(folder: str | os.PathLike, tool: str, option: str = "--output_di
         os.close(fd)
 
 
-def _acquire(path: Path, folder: Path, option: str) -> int:
-    """An open descriptor of ``path`` holding its exclusive flock; ValueError when someone else holds it."""
-    import fcntl
-
+def _acquire(path: Path, folder: Path, option: str) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive flock; ValueError when someone else holds it; None (and
+    a warning) where locks do not exist."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        logger.warning("%s %s is not locked (no fcntl here): nothing stops a second run into it", option, folder)
+        return None
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies, as for any file
@@ -79,6 +91,10 @@ def _acquire(path: Path, folder: Path, option: str) -> int:
         except OSError as err:
             holder = _holder(fd)
             os.close(fd)
+            if err.errno in NO_LOCKS:
+                logger.warning("%s %s cannot be locked (%s): nothing stops a second run into it", option, folder,
+                               err.strerror or err)
+                return None
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise ValueError(f"{option} {folder} cannot be locked ({err.strerror or err})") from None
             raise ValueError(f"{folder} is in use by {holder}; wait for it to finish or choose another "

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..checks import follow_umask, make_output_folder, read_json
+from ..folder_lock import is_main_rank
 from ..outputs import ARGS_FILE, CHECKPOINT_PREFIX, CHECKPOINTS_DIR, RUN_FILES, TRAINING_STATE_FILE
 from .arguments import OptionChange, TrainArguments, resume_changes
 from .factories import exception_chain
@@ -196,11 +197,12 @@ def check_resume_options(args: TrainArguments, checkpoint: Path) -> list[OptionC
     try:
         saved = read_json(record)
     except (OSError, ValueError) as err:
-        logger.warning("the options of this resume cannot be checked against its run's: %s (%s)", record,
-                       getattr(err, "strerror", None) or err)
-        return []
-    if not isinstance(saved, dict):
-        logger.warning("the options of this resume cannot be checked: %s holds no mapping of options", record)
+        problem = getattr(err, "strerror", None) or err
+    else:
+        problem = None if isinstance(saved, dict) else "it holds no mapping of options"
+    if problem is not None:
+        if is_main_rank():  # before logging is set up: every process would say it
+            logger.warning("the options of this resume cannot be checked against its run's: %s (%s)", record, problem)
         return []
     return resume_changes(saved, args, str(record))
 

@@ -344,8 +344,8 @@ def comparable(record: dict[str, Any]) -> dict[str, Any]:
         name = f"synthetic_{key}"
         if name in out:
             out[name] = (default if out[name] is None else out[name]) if uses_synthetic else None
-    if out.get("config_overrides"):  # "a=1, b=2" == "b=2,a=1"; the last of a repeated key wins, as in transformers
-        pairs = (item.partition("=") for item in str(out["config_overrides"]).split(","))
+    if "config_overrides" in out:  # "a=1, b=2" == "b=2,a=1" and "" == unset; a repeated key: the last wins
+        pairs = (item.partition("=") for item in str(out["config_overrides"] or "").split(","))
         out["config_overrides"] = sorted({k.strip(): v.strip() for k, _, v in pairs if k.strip()}.items())
     for name in ("coco_dir", "dataset_path", "yolo_dir", "model_name_or_path", "model_config", "backbone_weights"):
         value = out.get(name)

@@ -14,7 +14,10 @@ Differences from transformers' ``DetrImageProcessor`` (both of its backends):
   scaled to 8 bits (`pil_to_rgb8`), not clipped to white. With C != 3 values in ``image_mean`` / ``image_std``
   (a model with ``num_channels`` C), images are taken with their own C channels instead;
 * float images are taken to be in [0, 1] already: ``do_rescale`` only rescales uint8 images;
-* bad inputs raise ``ValueError`` naming the offending index and value;
+* bad inputs raise ``ValueError`` naming the offending index and value: among them an image whose resize would
+  have a side of 0 px (e.g. 5000x1 at the default size) or that has, as given or resized, more pixels than
+  ``max_image_pixels()`` (PIL's decompression-bomb limit), and a ``pad_size`` that cannot hold the resized images
+  (refused where it is set);
 * ``post_process_object_detection`` clips boxes to the image and can keep the ``top_k`` best detections.
 
 Resizing uses ``torch.nn.functional.interpolate(mode="bilinear", antialias=True, align_corners=False)``. On CPU a
@@ -25,6 +28,7 @@ copy of a huge image); float images and every image on a GPU are resized in floa
 
 from __future__ import annotations
 
+import numbers
 import operator
 import warnings
 from collections.abc import Mapping, Sequence
@@ -50,6 +54,7 @@ DEFAULT_SIZE = {"shortest_edge": 800, "longest_edge": 1333}
 EXIF_ORIENTATION_TAG = 0x0112
 EXPECTED_IMAGE = "expected a PIL.Image, a numpy array (H, W, C) or a torch tensor (C, H, W)"
 OUR_KEYS = ("remove_crowd", "id2label")
+RESIZE_SETTINGS = ("do_resize", "size", "pad_size")  # checked together where they are set
 
 
 class DetrCustomImageProcessorKwargs(ImagesKwargs, total=False):
@@ -146,6 +151,63 @@ def _padded_size(sizes: list[tuple[int, int]], pad_size: dict[str, int] | None) 
                 f"images[{i}] is {h}x{w} (height x width) after resizing, larger than pad_size = {pad_size}"
             )
     return pad_size["height"], pad_size["width"]
+
+
+def _largest_resized_sizes(size: dict[str, int]) -> list[tuple[int, int]]:
+    """(height, width) sizes that the resized images of one orientation fit in, one of which a fixed canvas must
+    hold: exactly {height} x {width}; with a longest edge L, short side s' = min(shortest_edge, L): s' x L
+    (landscape) or L x s' (portrait); without one, a square image's shortest_edge x shortest_edge."""
+    if "height" in size:
+        return [(size["height"], size["width"])]
+    longest = size.get("longest_edge")
+    if longest is None:
+        return [(size["shortest_edge"], size["shortest_edge"])]
+    short = min(size["shortest_edge"], longest)
+    return [(short, longest), (longest, short)]
+
+
+def _check_pad_size_holds_resized_images(size: dict[str, int], pad_size: dict[str, int] | None,
+                                         do_resize: bool) -> None:
+    """ValueError naming both sizes when a fixed `pad_size` cannot hold the images `size` resizes to (in landscape
+    or in portrait, see `_largest_resized_sizes`). Without resizing, images keep their own sizes: nothing to check."""
+    if pad_size is None or not do_resize:
+        return
+    sizes = _largest_resized_sizes(size)
+    if any(pad_size["height"] >= h and pad_size["width"] >= w for h, w in sizes):
+        return
+    described = " or ".join(f"{h}x{w}" for h, w in sizes)
+    raise ValueError(f"pad_size = {pad_size} is smaller than the resize size of size = {size}: up to {described} "
+                     "(height x width); expected a pad_size at least that large, or None (pad each batch to its "
+                     "largest image)")
+
+
+# PIL's decompression-bomb limit at its default (PIL.Image.MAX_IMAGE_PIXELS = 89,478,485; PIL refuses to open an
+# image of more than twice that): the limit when PIL is not installed
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+
+def max_image_pixels() -> int | None:
+    """The most pixels an image may have, as given or resized: PIL's decompression-bomb limit, twice
+    `PIL.Image.MAX_IMAGE_PIXELS` (178,956,970 px by default; the same limit the data check of training skips
+    images by), or None when that is set to None (PIL's check off). Larger images are refused before any work."""
+    if not is_vision_available():
+        return DEFAULT_MAX_IMAGE_PIXELS
+    return 2 * PIL.Image.MAX_IMAGE_PIXELS if PIL.Image.MAX_IMAGE_PIXELS else None
+
+
+def _check_image_size(index: int, image_hw: tuple[int, int], resized_hw: tuple[int, int], size: dict[str, int] | None,
+                      limit: int | None) -> None:
+    """ValueError naming the image and its size when its resize has a side of 0 px, or when it has more than
+    `limit` pixels as given or resized."""
+    (height, width), (new_height, new_width) = image_hw, resized_hw
+    where = f"images[{index}] is {height}x{width} (height x width)"
+    if min(new_height, new_width) < 1:
+        raise ValueError(f"{where}: resizing it to size = {size} gives {new_height}x{new_width}, a side of 0 px; "
+                         "expected an image whose resize keeps every side at least 1 px (a less elongated one)")
+    if limit is not None and max(height * width, new_height * new_width) > limit:
+        resized = "" if (new_height, new_width) == (height, width) else f", {new_height}x{new_width} resized"
+        raise ValueError(f"{where}{resized}: more than the {limit} pixels an image may have (PIL's decompression-bomb "
+                         "limit, twice PIL.Image.MAX_IMAGE_PIXELS)")
 
 
 def _id2label_with_int_keys(id2label: Mapping | None) -> dict[int, str] | None:
@@ -550,6 +612,17 @@ def _detection_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return tensors[0], tensors[1]
 
 
+def _check_threshold(threshold: Any) -> None:
+    """ValueError naming `threshold` unless it is a real number (or a one-value real tensor) in [0, 1]; NaN is not."""
+    if isinstance(threshold, torch.Tensor):
+        is_number = threshold.numel() == 1 and not threshold.is_complex()
+    else:
+        is_number = isinstance(threshold, numbers.Real)
+    if not (is_number and 0.0 <= float(threshold) <= 1.0):  # False for NaN too
+        raise ValueError(f"threshold = {threshold!r}; expected a number in [0, 1] (detections scoring above it are "
+                         "kept; scores are probabilities)")
+
+
 def _to_numpy(value: Any) -> Any:
     """Tensors (also inside dicts/lists) -> numpy, for return_tensors="np"."""
     if isinstance(value, torch.Tensor):
@@ -589,9 +662,18 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             for all three), or C for a model with `num_channels` C, which then takes C-channel images as they are
             (as transformers' DetrImageProcessor takes 4-channel images).
         do_pad: pad bottom/right with zeros to the batch maximum, or to `pad_size` if given.
-        pad_size: optional fixed canvas {"height": int, "width": int}.
+        pad_size: optional fixed canvas {"height": int, "width": int}. With `do_resize`, it must hold the images
+            `size` resizes to in at least one orientation: {height} x {width} for an exact size; s' x L or L x s'
+            with s' = min(shortest_edge, longest_edge), L = longest_edge (e.g. 48 x 80 for {"shortest_edge": 48,
+            "longest_edge": 80}: every landscape image fits); shortest_edge x shortest_edge without a longest edge.
+            A smaller one is a ValueError where it is set (constructor, `from_dict` / `from_pretrained`, or assigning
+            `pad_size`, `size` or `do_resize`). A batch image that still does not fit is a ValueError naming it.
         remove_crowd: drop COCO crowd boxes (`iscrowd == 1`) from the targets, as the original DETR does.
         id2label: optional {class id: name}; if given, every annotation's category_id must be one of its keys.
+
+    Images: a resize that would leave a side of 0 px (an image more elongated than its resize can keep, e.g. 5000x1
+    at the default size) and an image of more than `max_image_pixels()` pixels as given or resized (PIL's
+    decompression-bomb limit, 178,956,970 px by default) are ValueErrors naming the image and its size.
 
     After each call, `last_num_dropped_boxes` holds, per image, how many boxes were dropped because they were
     empty after clipping to the image (crowd boxes are not counted); a warning is logged when any were dropped.
@@ -628,6 +710,17 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         self.remove_crowd = bool(remove_crowd)
         self.id2label = _id2label_with_int_keys(id2label)
         self.last_num_dropped_boxes: list[int] = []
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """`do_resize`, `size` and `pad_size` are checked together wherever they are set (the constructor,
+        `from_dict` and plain assignment): a `pad_size` that cannot hold the resized images is refused, and the
+        attribute keeps its old value."""
+        if name in RESIZE_SETTINGS:
+            value = {"do_resize": bool, "size": _validate_size, "pad_size": _validate_pad_size}[name](value)
+            settings = {key: self.__dict__.get(key) for key in RESIZE_SETTINGS} | {name: value}
+            if settings["size"] is not None:
+                _check_pad_size_holds_resized_images(settings["size"], settings["pad_size"], settings["do_resize"])
+        super().__setattr__(name, value)
 
     @staticmethod
     def _mean_and_std(mean: Sequence[float] | float, std: Sequence[float] | float) -> tuple[list[float], list[float]]:
@@ -697,6 +790,9 @@ class DetrCustomImageProcessor(BaseImageProcessor):
         target_device = self._target_device(device, tensors)
         orig_sizes = [tuple(t.shape[-2:]) for t in tensors]
         new_sizes = [_output_size(hw, opts["size"] if opts["do_resize"] else None) for hw in orig_sizes]
+        limit = max_image_pixels()
+        for i, (orig_hw, new_hw) in enumerate(zip(orig_sizes, new_sizes)):
+            _check_image_size(i, orig_hw, new_hw, opts["size"] if opts["do_resize"] else None, limit)
         pixel_values, pixel_mask = self._build_batch(tensors, new_sizes, opts, target_device)
         data = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
         if annotation_list is not None:
@@ -812,7 +908,8 @@ class DetrCustomImageProcessor(BaseImageProcessor):
                 `(B, Q, 4)`, (cx, cy, w, h) normalised to [0, 1] by each image's own unpadded size; or a dict with
                 those keys, or a (logits, pred_boxes) pair. Torch tensors or numpy arrays (e.g. onnxruntime's
                 outputs, which give the same results as the equal torch tensors).
-            threshold: keep detections whose score is strictly above it.
+            threshold: keep detections whose score is strictly above it; a number in [0, 1] (a score is a
+                probability), anything else (NaN included) is a ValueError naming it.
             target_sizes: `(B, 2)` tensor or list of (height, width): the size to express boxes in, normally each
                 image's original size. None keeps normalised coordinates.
             top_k: keep at most this many detections per image, the best first.
@@ -822,6 +919,7 @@ class DetrCustomImageProcessor(BaseImageProcessor):
             (x0, y0, x1, y1) in absolute pixels of `target_sizes` (or normalised), clipped to the image.
             Detections are in query order, or sorted by score when `top_k` is given.
         """
+        _check_threshold(threshold)
         logits, pred_boxes = _detection_outputs(outputs)
         # softmax over all C + 1 classes, then ignore "no object": a score is P(class) for the best real class
         scores, labels = logits.float().softmax(-1)[..., :-1].max(-1)

@@ -333,6 +333,45 @@ def test_fixed_pad_size_and_no_padding():
         DetrCustomImageProcessor(size=SMALL, do_pad=False)(images)
 
 
+def test_a_pad_size_smaller_than_the_resize_size_is_refused_where_it_is_set(tmp_path):
+    landscape = {"shortest_edge": 48, "longest_edge": 80}
+    message = (r"^pad_size = \{'height': 40, 'width': 80\} is smaller than the resize size of size = "
+               r"\{'shortest_edge': 48, 'longest_edge': 80\}: up to 48x80 or 80x48 \(height x width\)")
+    with pytest.raises(ValueError, match=message):
+        DetrCustomImageProcessor(size=landscape, pad_size={"height": 40, "width": 80})
+    with pytest.raises(ValueError, match=r"pad_size = \{'height': 800, 'width': 1300\} is smaller than the resize "
+                                         r"size of size = \{'shortest_edge': 800, 'longest_edge': 1333\}"):
+        DetrCustomImageProcessor(pad_size={"height": 800, "width": 1300})  # DETR's default size
+    with pytest.raises(ValueError, match=r"resize size of size = \{'height': 64, 'width': 48\}: up to 64x48"):
+        DetrCustomImageProcessor(size={"height": 64, "width": 48}, pad_size={"height": 64, "width": 40})
+    with pytest.raises(ValueError, match=r"resize size of size = \{'shortest_edge': 64\}: up to 64x64"):
+        DetrCustomImageProcessor(size=64, pad_size={"height": 60, "width": 1000})
+    # from_dict / from_pretrained: a saved processor whose JSON was edited
+    DetrCustomImageProcessor(size=landscape, pad_size={"height": 48, "width": 80}).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    saved["pad_size"] = {"height": 40, "width": 80}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"^pad_size = \{'height': 40, 'width': 80\} is smaller than the resize size "
+                                         r"of size = \{.*\}: up to 48x80 or 80x48"):  # JSON sorts the keys
+        DetrCustomImageProcessor.from_pretrained(tmp_path)
+    # set: the attribute keeps its value
+    processor = DetrCustomImageProcessor(size=landscape, pad_size={"height": 48, "width": 80})
+    with pytest.raises(ValueError, match=message):
+        processor.pad_size = {"height": 40, "width": 80}
+    with pytest.raises(ValueError, match=r"pad_size = \{'height': 48, 'width': 80\} is smaller .* size = "
+                                         r"\{'shortest_edge': 100, 'longest_edge': 160\}"):
+        processor.size = SMALL
+    assert processor.pad_size == {"height": 48, "width": 80} and processor.size == landscape
+    # what holds the resized images of one orientation is accepted, and pad_size means nothing without a resize
+    assert DetrCustomImageProcessor(size=landscape, pad_size={"height": 80, "width": 48}).pad_size["height"] == 80
+    unresized = DetrCustomImageProcessor(size=landscape, do_resize=False, pad_size={"height": 40, "width": 40})
+    with pytest.raises(ValueError, match=r"pad_size = \{'height': 40, 'width': 40\} is smaller"):
+        unresized.do_resize = True
+    processor.pad_size = None
+    processor.size = SMALL
+    assert processor.size == SMALL
+
+
 def test_no_resize_no_normalise():
     array = photo(30, 40)
     out = DetrCustomImageProcessor(do_resize=False, do_normalize=False)(array)["pixel_values"][0]
@@ -435,6 +474,36 @@ def test_id2label_from_init_is_checked():
     processor(GOOD, annotations=coco(0, (1, 2, 3, 4, 1)))
     with pytest.raises(ValueError, match=r"\['category_id'\] = 2 is not in id2label \(ids \[1\]\)"):
         processor(GOOD, annotations=coco(0, (1, 2, 3, 4, 2)))
+
+
+def test_an_image_whose_resize_has_a_side_of_0_px_is_refused_naming_its_size():
+    processor = DetrCustomImageProcessor(size=SMALL)
+    with pytest.raises(ValueError, match=re.escape(
+            "images[1] is 1000x1 (height x width): resizing it to size = {'shortest_edge': 100, 'longest_edge': 160} "
+            "gives 160x0, a side of 0 px")):
+        processor([GOOD, PIL.Image.new("RGB", (1, 1000))])
+    with pytest.raises(ValueError, match=r"images\[0\] is 1x5000 .* gives 0x1333, a side of 0 px"):
+        DetrCustomImageProcessor()(torch.zeros(3, 1, 5000, dtype=torch.uint8))  # DETR's default size
+    assert processor(PIL.Image.new("RGB", (1, 100)))["pixel_values"].shape == (1, 3, 160, 2)  # less elongated: kept
+
+
+def test_an_image_over_the_pixel_limit_as_given_or_resized_is_refused_naming_its_size(monkeypatch):
+    assert image_processing.max_image_pixels() == 2 * PIL.Image.MAX_IMAGE_PIXELS == 178_956_970
+    # resized: a panorama at a shortest edge without a longest edge would need an 800 x 1,200,000 canvas (3.8 GB)
+    with pytest.raises(ValueError, match=re.escape(
+            "images[0] is 2x3000 (height x width), 800x1200000 resized: more than the 178956970 pixels an image may "
+            "have (PIL's decompression-bomb limit")):
+        DetrCustomImageProcessor(size={"shortest_edge": 800})(np.zeros((2, 3000, 3), np.uint8))
+    # as given: the limit follows PIL's setting
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 600)
+    with pytest.raises(ValueError, match=re.escape("images[0] is 30x40 (height x width), 100x133 resized: more than "
+                                                   "the 1200 pixels")):
+        DetrCustomImageProcessor(size=SMALL)(GOOD)
+    with pytest.raises(ValueError, match=re.escape("images[0] is 30x41 (height x width): more than the 1200 pixels")):
+        DetrCustomImageProcessor(do_resize=False)(photo(30, 41))
+    assert DetrCustomImageProcessor(do_resize=False)(GOOD)["pixel_values"].shape == (1, 3, 30, 40)  # 1200 px
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", None)  # PIL's check off: ours too
+    assert DetrCustomImageProcessor(size=SMALL)(GOOD)["pixel_values"].shape == (1, 3, 100, 133)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -543,6 +612,19 @@ def test_post_process_options():
     assert [len(r["scores"]) for r in everything] == [4, 4]
     with pytest.raises(ValueError, match=r"target_sizes has shape \(1, 2\); expected \(2, 2\)"):
         processor.post_process_object_detection(outputs, 0.5, [(100, 200)])
+
+
+def test_post_process_threshold_outside_0_1_or_nan_is_refused_naming_it():
+    outputs, processor = make_outputs(), DetrCustomImageProcessor()
+    for threshold in (1.5, -0.1, float("nan"), "0.5", None, torch.tensor([0.1, 0.2])):
+        with pytest.raises(ValueError, match=rf"^threshold = {re.escape(repr(threshold))}; expected a number in "
+                                             r"\[0, 1\]"):
+            processor.post_process_object_detection(outputs, threshold=threshold)
+    # the bounds are thresholds, as are numpy and torch scalars
+    assert [len(r["scores"]) for r in processor.post_process_object_detection(outputs, 0)] == [4, 4]
+    assert [len(r["scores"]) for r in processor.post_process_object_detection(outputs, 1)] == [0, 0]
+    for threshold in (np.float32(0.5), torch.tensor(0.5)):
+        assert [len(r["scores"]) for r in processor.post_process_object_detection(outputs, threshold)] == [3, 2]
 
 
 @pytest.mark.parametrize("wrap", ["attributes", "dict", "tuple", "list"])

@@ -91,3 +91,20 @@ def test_pipeline_threshold_filters(detector):
     photo = Image.open(PHOTO)
     assert len(detect(photo, threshold=0.0)) == model.config.num_queries
     assert detect(photo, threshold=1.0) == []
+
+
+def test_pipeline_threshold_outside_0_1_or_nan_is_refused(detector):
+    _, _, folder = detector
+    detect = pipeline("object-detection", model=str(folder), trust_remote_code=True)
+    photo = Image.open(PHOTO)
+    for threshold in (1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=rf"^threshold = {threshold!r}; expected a number in \[0, 1\]"):
+            detect(photo, threshold=threshold)
+
+
+def test_pipeline_refuses_an_image_whose_resize_has_a_side_of_0_px(detector):
+    model, processor, _ = detector
+    detect = pipeline("object-detection", model=model, image_processor=processor)
+    with pytest.raises(ValueError, match=r"images\[0\] is 1x3000 \(height x width\): resizing it to size = .* gives "
+                                         r"0x256, a side of 0 px"):
+        detect(Image.new("RGB", (3000, 1)), threshold=0.0)

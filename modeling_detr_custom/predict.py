@@ -74,8 +74,7 @@ UNREADABLE = (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OSEr
 def _unreadable(path: Path, err: Exception) -> ValueError:
     """The one-line reason ``path`` cannot be used, from PIL's error."""
     if isinstance(err, PIL.Image.DecompressionBombError):
-        return ValueError(f"{path} is too large to decode: {err} (PIL's decompression-bomb limit, "
-                          f"2 x PIL.Image.MAX_IMAGE_PIXELS = {2 * PIL.Image.MAX_IMAGE_PIXELS} pixels)")
+        return ValueError(f"{path} is over PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS): {err}")
     return ValueError(f"{path} is not a readable image: {err}")
 
 

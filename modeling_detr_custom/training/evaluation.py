@@ -46,8 +46,9 @@ def predict(model: torch.nn.Module, dataloader: Iterable, processor: DetrCustomI
         check_finite_outputs(outputs.logits, outputs.pred_boxes, "evaluation")
         targets = [{k: v.cpu() for k, v in t.items()} for t in batch["labels"]]
         sizes = torch.stack([t["orig_size"] for t in targets])
-        # threshold -1 keeps every query: softmax scores are >= 0
-        results = processor.post_process_object_detection(outputs, threshold=-1.0, target_sizes=sizes)
+        # threshold 0 keeps every query with a score (softmax scores are > 0 unless they underflow; the processor
+        # refuses thresholds outside [0, 1] since 4fccadb)
+        results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
         results = [{k: v.float().cpu() for k, v in r.items()} for r in results]
         predictions += predictions_from_post_processed(results, [t["image_id"] for t in targets])
     return predictions

@@ -114,13 +114,14 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, total
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            follow_umask(tmp)
-            state.save(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+        with writing("the checkpoint", final):  # inside the cleanup: a full disk is seen before space is freed
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                follow_umask(tmp)
+                state.save(tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
     except BaseException:
         if accelerator.is_main_process:  # a partial checkpoint only takes the space a resume may need
             shutil.rmtree(tmp, ignore_errors=True)
@@ -235,7 +236,7 @@ class RunWriteError(ValueError):
             return "free space"
         if self.code in (errno.EROFS, errno.EACCES, errno.EPERM):
             return f"make {self.path.parent} writable"
-        return "fix that"
+        return f"check the disk of {self.path.parent} (space, permissions)"
 
     def message(self, last_checkpoint: Path | None, finished: bool = False) -> str:
         """One line: what failed, why, what is intact and how to go on."""

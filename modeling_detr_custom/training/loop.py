@@ -25,16 +25,7 @@ from ..checks import follow_umask, make_output_folder
 from ..coco_metric import STAT_NAMES
 from ..curves import plot_training_curves
 from ..folder_lock import hold_folder, is_main_rank
-from ..outputs import (
-    ARGS_FILE,
-    CHECKPOINT_PREFIX,
-    CHECKPOINTS_DIR,
-    CURVES_FILE,
-    METRICS_FILE,
-    PICTURE_FILE,
-    RESULTS_FILE,
-    WEIGHTS_FILE,
-)
+from ..outputs import ARGS_FILE, CURVES_FILE, METRICS_FILE, PICTURE_FILE, RESULTS_FILE, WEIGHTS_FILE
 from .arguments import OptionChange, TrainArguments, options_json, resolve_options
 from .checkpoints import (
     RunWriteError,
@@ -168,11 +159,10 @@ def evaluate(job: Job, final: bool = False) -> dict[str, float] | None:
 
 
 def save_job_checkpoint(job: Job) -> None:
-    """`save_checkpoint` of the job's current state (once per step); it becomes ``job.last_checkpoint``."""
-    folder = job.output_dir / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{job.state.global_step}"
-    with writing("the checkpoint", folder):
-        job.last_checkpoint = save_checkpoint(job.accelerator, job.output_dir, job.state,
-                                              job.args.checkpoints_total_limit, job.last_checkpoint)
+    """`save_checkpoint` of the job's current state (once per step); it becomes ``job.last_checkpoint``. A write the
+    OS refuses is a `checkpoints.RunWriteError`."""
+    job.last_checkpoint = save_checkpoint(job.accelerator, job.output_dir, job.state, job.args.checkpoints_total_limit,
+                                          job.last_checkpoint)
 
 
 # ----------------------------------------------------------------------------- epochs

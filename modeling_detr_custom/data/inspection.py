@@ -173,7 +173,7 @@ def check_split(name: str, ds: datasets.Dataset, loader_report: Mapping[str, int
         columns = box_columns(ds, f"split {name!r}")
     stats = BoxStats.of(columns)
     summary = summarise(name, columns, stats, ds, loader_report, {k: len(v) for k, v in skip.items()}, settings)
-    _refuse_empty(summary, settings.allow_empty)
+    _refuse_empty(summary, settings)
     _refuse_crowded(summary, ds, stats, settings)
     return ds, summary
 
@@ -183,20 +183,35 @@ def check_split(name: str, ds: datasets.Dataset, loader_report: Mapping[str, int
 
 def unusable_images(columns: BoxColumns, resizes: Sequence[tuple[int, int | None]]) -> dict[str, np.ndarray]:
     """Rows (sorted indices) by skip reason (``SKIP_KEYS``; only reasons with rows): images some resize brings to a
-    side of 0 px, or to more pixels than PIL decodes. Computed once per distinct image size."""
+    side of 0 px, or to more pixels than PIL decodes. A loose vectorised bound picks the candidates, the processor's
+    own size arithmetic (`get_size_with_aspect_ratio`) decides, once per distinct size among them."""
     if columns.widths is None or columns.heights is None:
         return {}
     limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
-    per_row = _per_image_size(columns, lambda h, w: _resize_problem(h, w, resizes, limit), object)
-    return {key: rows for key in SKIP_KEYS if len(rows := np.nonzero(per_row == key)[0])}
-
-
-def _per_image_size(columns: BoxColumns, fn: Any, dtype: Any) -> np.ndarray:
-    """(m,) ``fn(height, width)`` of each row's image, computed once per distinct size (few, even in COCO)."""
-    sizes = np.stack([columns.heights, columns.widths], axis=1)
+    candidates = np.nonzero(_may_fail(columns.heights, columns.widths, resizes, limit))[0]
+    if not len(candidates):
+        return {}
+    sizes = np.stack([columns.heights[candidates], columns.widths[candidates]], axis=1)
     distinct, inverse = np.unique(sizes, axis=0, return_inverse=True)
-    values = np.array([fn(int(h), int(w)) for h, w in distinct], dtype=dtype)
-    return values[inverse.reshape(-1)]
+    verdicts = np.array([_resize_problem(int(h), int(w), resizes, limit) for h, w in distinct], dtype=object)
+    per_row = verdicts[inverse.reshape(-1)]
+    return {key: candidates[rows] for key in SKIP_KEYS if len(rows := np.nonzero(per_row == key)[0])}
+
+
+def _may_fail(heights: np.ndarray, widths: np.ndarray, resizes: Sequence[tuple[int, int | None]],
+              limit: int | None) -> np.ndarray:
+    """(m,) bool, True for every image a resize may bring to 0 px or past ``limit`` pixels (and some that it does
+    not): a resize to short side ``s`` gives at most ``s x (s * aspect + 1)`` pixels, and a short side under 1 px only
+    when its long-side limit ``L`` is below half the aspect ratio (a bound of 2 leaves room for the rounding)."""
+    short, long = np.minimum(heights, widths), np.maximum(heights, widths)
+    aspect = long / np.maximum(short, 1)
+    maybe = (short < 1) | (heights * widths > (limit or np.inf))
+    for side, long_limit in resizes:
+        if long_limit is not None:
+            maybe |= long_limit / aspect < 2
+        if limit is not None:
+            maybe |= side * (side * aspect + 1) > limit
+    return maybe
 
 
 def _resize_problem(height: int, width: int, resizes: Sequence[tuple[int, int | None]], limit: int | None
@@ -261,16 +276,14 @@ class BoxStats:
 
 
 def _input_scale(columns: BoxColumns, resizes: Sequence[tuple[int, int | None]]) -> np.ndarray | None:
-    """(m,) factor from each stored image to the model's input size (the first resize), or None if unknown."""
+    """(m,) factor from each stored image to the model's input size (the first resize: short side ``s``, long side
+    at most ``L``), up to the processor's rounding to whole pixels: ``min(s / short, L / long)``; None if unknown."""
     if not resizes or columns.widths is None or columns.heights is None:
         return None
-    short, long = resizes[0]
-
-    def factor(height: int, width: int) -> float:
-        return min(get_size_with_aspect_ratio((height, width), short, long)) / min(height, width) \
-            if min(height, width) > 0 else 0.0
-
-    return _per_image_size(columns, factor, np.float64)
+    side, long_limit = resizes[0]
+    short = np.maximum(np.minimum(columns.widths, columns.heights), 1)
+    long = np.maximum(columns.widths, columns.heights)
+    return np.minimum(side / short, (long_limit or np.inf) / np.maximum(long, 1))
 
 
 def _under_stride(columns: BoxColumns, stats: BoxStats, settings: CheckSettings) -> int | None:
@@ -298,13 +311,15 @@ def summarise(name: str, columns: BoxColumns, stats: BoxStats, ds: datasets.Data
         {k: int(v) for k, v in skipped.items() if v}, columns.widths is not None)
 
 
-def _refuse_empty(summary: SplitSummary, allow_empty: bool) -> None:
+def _refuse_empty(summary: SplitSummary, settings: CheckSettings) -> None:
+    """A split without any usable box: an error, or a warning with ``allow_empty``."""
     if summary.boxes:
         return
     message = (f"split {summary.name!r} has no usable box in its {summary.images} images (loader: "
                f"{summary.loader or 'no bad data'}); a detector cannot learn or be scored on it")
-    if not allow_empty:
-        raise ValueError(message + " (evaluation: --allow_empty_split evaluates it anyway)")
+    if not settings.allow_empty:
+        hint = "" if settings.train_split else " (--allow_empty_split evaluates it anyway)"
+        raise ValueError(message + hint)
     logger.warning("%s; evaluating it anyway (--allow_empty_split)", message)
 
 

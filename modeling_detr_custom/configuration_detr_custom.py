@@ -167,6 +167,17 @@ class DetrCustomConfig(PreTrainedConfig):
             self.label2id = {name: idx for idx, name in self.id2label.items()}
         self.validate_detr()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers' `from_dict`, keeping its idiom `from_pretrained(folder, num_labels=N)`: an N other than the
+        saved names' count replaces them by LABEL_0 ... LABEL_{N-1}, as for transformers' own models (a new label
+        set to fine-tune on), instead of meeting `check_num_labels`, which is for a config that contradicts itself."""
+        asked = kwargs.get("num_labels")
+        saved = config_dict.get("id2label")
+        if asked is not None and saved is not None and len(saved) != asked:
+            config_dict = {k: v for k, v in config_dict.items() if k not in ("id2label", "label2id")}
+        return super().from_dict(config_dict, **kwargs)
+
     def validate_detr(self) -> None:
         """Raise ValueError on a combination the model cannot build."""
         positive = ("num_queries", "num_query_groups", "d_model", "encoder_attention_heads", "decoder_attention_heads",

@@ -52,9 +52,17 @@ def test_a_config_json_whose_num_labels_disagrees_with_id2label_is_one_line_on_l
     folder = edited_copy(saved_model, tmp_path, num_labels=5)
     with pytest.raises(ValueError, match=r"^num_labels=5 disagrees with id2label, which names 3 classes"):
         DetrCustomConfig.from_pretrained(folder)
-    # transformers' way to ask for another label count at load time meets the same check
-    with pytest.raises(ValueError, match=r"num_labels=4 disagrees with id2label, which names 3 classes"):
-        DetrCustomConfig.from_pretrained(saved_model, num_labels=4)
+
+
+def test_num_labels_at_load_time_asks_for_a_new_label_set_as_in_transformers(saved_model):
+    """transformers' fine-tuning idiom: `from_pretrained(folder, num_labels=N, ignore_mismatched_sizes=True)` gives
+    N classes named LABEL_i and a new class head; the saved count keeps the saved names."""
+    config = DetrCustomConfig.from_pretrained(saved_model, num_labels=4)
+    assert config.num_labels == 4 and config.id2label == {i: f"LABEL_{i}" for i in range(4)}
+    assert DetrCustomConfig.from_pretrained(saved_model, num_labels=3).id2label == {
+        0: "circle", 1: "square", 2: "triangle"}
+    model = load_checked(DetrCustomForObjectDetection, saved_model, num_labels=4, ignore_mismatched_sizes=True)
+    assert model.class_labels_classifier.out_features == 5
 
 
 def test_weights_for_another_number_of_classes_are_one_line_naming_both_counts(saved_model, tmp_path):

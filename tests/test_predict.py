@@ -163,15 +163,12 @@ def _circle_image(rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
 
 def train_circle_detector(folder: Path, steps: int = TRAIN_STEPS, seed: int = TRAIN_SEED) -> Path:
     """Train a tiny DETR on fresh synthetic circles and save it (model + processor) to ``folder``."""
-    from modeling_detr_custom.training import revive_zero_init_batch_norms
-
     torch.manual_seed(seed)
     config = tiny_config(d_model=256, encoder_layers=2, decoder_layers=2, encoder_attention_heads=8,
                          decoder_attention_heads=8, encoder_ffn_dim=512, decoder_ffn_dim=512, num_queries=8,
                          dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, freeze_backbone_stem=False,
                          id2label={0: "circle"})
     model = DetrCustomForObjectDetection(config)
-    revive_zero_init_batch_norms(model)  # a random timm ResNet's zero BN scales would stay frozen at 0
     processor = DetrCustomImageProcessor(size={"shortest_edge": IMAGE_SIZE, "longest_edge": IMAGE_SIZE})
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
     threads = torch.get_num_threads()

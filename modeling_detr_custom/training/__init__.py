@@ -22,7 +22,6 @@ from .factories import (
                         make_eval_dataloader,
                         make_optimizer,
                         param_groups,
-                        revive_zero_init_batch_norms,
 )
 from .loop import run_training
 from .monitor import NonFiniteLossError
@@ -32,6 +31,6 @@ __all__ = [
     "EvalArguments", "TrainArguments", "parse_eval_args", "parse_train_args", "resolve_options", "TrainState",
     "list_checkpoints", "resolve_checkpoint", "rotate_checkpoints", "save_checkpoint", "evaluate_coco",
     "evaluate_folder", "gather_predictions", "predict", "apply_config_overrides", "create_model", "lr_factor",
-    "make_eval_dataloader", "make_optimizer", "param_groups", "revive_zero_init_batch_norms", "run_training",
+    "make_eval_dataloader", "make_optimizer", "param_groups", "run_training",
     "NonFiniteLossError", "MODEL_PRESETS", "TRAINING_PRESETS",
 ]

@@ -170,7 +170,7 @@ def create_model(args: TrainArguments, data: DetectionData, resuming: bool = Fal
     apply_config_overrides(config, args.config_overrides)
     model = DetrCustomForObjectDetection(config)
     if args.backbone_weights == "none":
-        revive_zero_init_batch_norms(model)
+        pass  # a random backbone: construction already starts its frozen BatchNorms at scale 1
     elif resuming:
         logger.info("resuming: the backbone's weights come from the checkpoint (--backbone_weights %s not loaded)",
                     args.backbone_weights)
@@ -234,26 +234,6 @@ def timm_weights_name(backbone: str) -> str:
         return getattr(cfg, "hf_hub_id", None) or f"timm's {backbone}"
     except Exception:  # noqa: BLE001 - only for the message
         return f"timm's {backbone}"
-
-
-def revive_zero_init_batch_norms(model: torch.nn.Module) -> int:
-    """Set to 1 the frozen BatchNorm scales that a random timm ResNet starts at 0; returns how many.
-
-    timm zero-initialises the last BatchNorm of every residual block (``zero_init_last``) so that
-    each block starts as the identity and the BatchNorm learns its scale. DETR freezes BatchNorm,
-    so a random backbone would keep those scales at 0 forever: every residual branch dead, the
-    backbone reduced to its stem and shortcut convolutions, unable to learn shapes. Pretrained
-    weights overwrite these buffers, so only ``--backbone_weights none`` needs this.
-    """
-    revived = 0
-    for name, buffer in model.named_buffers():
-        if ".backbone." in f".{name}" and name.endswith(".weight") and buffer.numel() and not buffer.any():
-            buffer.fill_(1.0)
-            revived += 1
-    if revived:
-        logger.info("random backbone: %d zero-initialised frozen BatchNorm scales set to 1 (live residual branches)",
-                    revived)
-    return revived
 
 
 def load_for_finetuning(path: str, id2label: dict[int, str], overrides: str | None,

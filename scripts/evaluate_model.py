@@ -7,6 +7,12 @@
 Writes ``eval_results.json`` into the model folder (or ``--output_file``; an existing file is refused without
 ``--overwrite_output_file``), the file `scripts/push_to_hub.py` reports in the model card, and prints it.
 Predicted labels are mapped to the dataset's category ids with the mapping training saved in the config.
+
+Before any prediction the split goes through the data check training runs (modeling_detr_custom/data/inspection.py;
+its report is logged): a dataset whose labels the model names otherwise (both lists are named), boxes in another
+format than --box_format declares, or a split without any usable box (AP would mean nothing; --allow_empty_split
+evaluates it anyway) is one line `error: ...`; images no resize can handle are skipped and counted, and images with
+more boxes than the model's queries are a warning.
 """
 
 from __future__ import annotations

@@ -153,6 +153,19 @@ def test_few_boxes_or_a_few_border_crossing_boxes_are_no_alarm(tmp_path: Path) -
     assert data.report["train"]["boxes_clipped"] == 3, "clipped as before, not mistaken for another format"
 
 
+def test_the_declared_box_format_is_part_of_the_cache_key(tmp_path: Path) -> None:
+    """Too few boxes for a finding, so both readings load: the second must not reuse the first one's rows."""
+    folder = shapes(tmp_path, "few", num_train=2, num_val=1, min_shapes=1, max_shapes=1)
+    rewrite_boxes(folder, as_xyxy)
+    cache = str(tmp_path / "cache")
+    as_given = load_coco_folder_with_info(folder, cache_dir=cache)
+    declared = load_coco_folder_with_info(folder, cache_dir=cache, box_format="xyxy")
+    corners = np.array([a["bbox"] for a in json.loads((folder / "annotations/instances_train.json").read_text())
+                        ["annotations"]])
+    np.testing.assert_allclose(rows_boxes(declared)[:, 2:], corners[:, 2:] - corners[:, :2], atol=1e-4)
+    assert not np.allclose(rows_boxes(as_given), rows_boxes(declared))
+
+
 def test_box_format_does_not_apply_to_a_yolo_folder(tmp_path: Path) -> None:
     make_synthetic_coco(tmp_path / "yolo", format="yolo", num_train=4, num_val=2, image_size=48)
     with pytest.raises(ValueError, match="--box_format xyxy does not apply to a YOLO folder"):

@@ -133,7 +133,8 @@ class TrainArguments(DataArguments):
     resume_from_checkpoint: str | None = _opt("'latest' (newest in output_dir; none yet = fresh start) or a folder")
     report_to: str = _opt("accelerate trackers: tensorboard, wandb, all, none", "none")
     tracker_project_name: str = _opt("tracker project", "detr_custom")
-    picture_images: int = _opt("validation images in detections.png (0: none)", 4)
+    picture_images: int = _opt("validation images in detections.png, training images in data_samples.png and "
+                               "training_inputs.png (0: none)", 4)
     dump_first_step: str | None = _opt("debugging: save the first step's loss and gradients to this file")
     debug: bool = _opt(f"show the traceback of an error, not only its one-line message (or set {DEBUG_ENV}=1)",
                        False)

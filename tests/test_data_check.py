@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import sys
 from pathlib import Path
 
 import datasets
@@ -24,6 +25,7 @@ from test_training import (  # noqa: F401 (fresh_accelerate_state: an autouse fi
     write_coco,
 )
 
+from modeling_detr_custom.checks import run_cli
 from modeling_detr_custom.data import (
     SYNTHETIC_DEFAULTS,
     CheckSettings,
@@ -109,10 +111,16 @@ def test_xyxy_boxes_in_a_coco_file_are_named_and_declared_with_box_format(tmp_pa
     assert declared.report["train"]["boxes_clipped"] == 0, "read as xyxy, nothing sticks out of the image"
 
 
-def test_normalised_boxes_in_a_coco_file_are_named(tmp_path: Path) -> None:
+def test_normalised_boxes_in_a_coco_file_are_named(tmp_path: Path, monkeypatch, capsys) -> None:
     folder = shapes(tmp_path)
     original = load_coco_folder_with_info(folder, cache_dir=str(tmp_path / "c0"))
     rewrite_boxes(folder, as_normalised)
+    monkeypatch.setattr(sys, "argv", ["inspect_data.py", "--coco_dir", str(folder), "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="1"):  # the script's way: one line on stderr, no traceback
+        run_cli(INSPECT["main"])
+    err = capsys.readouterr().err  # (the progress bars of the load above come first)
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and "look normalised" in last and "Traceback" not in err, err
     with pytest.raises(ValueError, match=r"boxes look normalised to \[0, 1\], not absolute pixels: (\d+) of \1 boxes "
                                          r".*pass --box_format xywh_normalized"):
         inspect(tmp_path, "--coco_dir", str(folder))

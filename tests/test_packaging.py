@@ -199,3 +199,56 @@ def test_the_scripts_run_against_the_installed_package(installed: Path, tmp_path
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--help"], cwd=tmp_path,
                           env=_installed_env(installed, tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- (d) the README's Quickstart and CI
+
+# Each Quickstart command starts by making (or reusing) the virtualenv .venv and installing into it: a stock
+# Debian 12 / Ubuntu 23.04+ python3 refuses `pip install` outside one (PEP 668, externally-managed-environment).
+VENV_AND_INSTALL = ('[ -f .venv/bin/activate ] || python3 -m venv .venv && . .venv/bin/activate && '
+                    'pip install -e ".[dev]" && ')
+MAIN_JOB = "accelerate launch scripts/train.py --output_dir outputs/demo"
+
+
+def quickstart_commands() -> list[str]:
+    """The command lines of the README's Quickstart code block (comments and blank lines left out)."""
+    section = (ROOT / "README.md").read_text().split("\n## Quickstart\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_each_quickstart_command_makes_or_reuses_a_virtualenv_and_installs_into_it() -> None:
+    assert quickstart_commands() == [VENV_AND_INSTALL + MAIN_JOB, VENV_AND_INSTALL + "python -m pytest"]
+
+
+def test_ci_runs_the_quickstart_tests_line_verbatim_and_the_main_job_through_test_demo() -> None:
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if not line.lstrip().startswith("#")]
+    main_job, tests = quickstart_commands()
+    at = [i for i, line in enumerate(ci) if tests in line]
+    assert len(at) == 1 and at[0] < ci.index("python -m pytest -m demo"), at
+    # tests/test_demo.py runs the main job's command as it is, its output folder in a temporary directory
+    words = main_job.removeprefix(VENV_AND_INSTALL).split()
+    demo = ast.parse((ROOT / "tests" / "test_demo.py").read_text())
+    commands = [[e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+                for node in ast.walk(demo) if isinstance(node, ast.List)]
+    assert [None, *words[1:-1], None] in commands, commands
+
+
+def test_the_quickstart_makes_the_virtualenv_once_and_its_pip_is_the_one_that_installs(tmp_path: Path) -> None:
+    """Run the Quickstart's own prefix up to the install, twice, in an empty folder: the first run makes .venv (over
+    a half-made one without bin/activate, as a python3 without venv's ensurepip leaves), the second reuses it, and
+    after the activation `python` and `pip` are the virtualenv's."""
+    prefix = VENV_AND_INSTALL.split(" && pip install")[0]
+    probe = prefix + ' && python -c "import sys; print(sys.prefix)" && command -v pip'
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    runs = []
+    for _ in range(2):
+        runs.append(subprocess.run(["bash", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                   timeout=300))
+        assert runs[-1].returncode == 0, runs[-1].stderr[-3000:]
+        if len(runs) == 1:
+            (venv / "made_by_the_first_run").touch()
+    assert runs[0].stdout.split() == [str(venv), str(venv / "bin" / "pip")]
+    assert runs[1].stdout == runs[0].stdout and (venv / "made_by_the_first_run").exists()

@@ -9,9 +9,12 @@ Every check raises ValueError with one line naming the file or value and what wa
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,16 +75,96 @@ def check_not_model_file(path: str | os.PathLike) -> None:
                          "choose another output name or folder")
 
 
+# ----------------------------------------------------------------------------- writes the OS refuses
+
+# What torch.save (its zip writer) and safetensors say when the OS refuses a write; torch's says no errno.
+WRITE_FAILURE_MARKERS = ("unexpected pos", "basic_ios::clear", "file write failed", "PytorchStreamWriter failed",
+                         "No space left", "Disk quota exceeded", "Read-only file system", "Permission denied")
+MESSAGE_ERRNOS = {"No space left": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+LOW_SPACE_BYTES = 1 << 20  # less than this free where a write failed: the disk is full
+
+
+class WriteError(ValueError):
+    """A write the OS refused, as the one line ``cannot write [<what> ]<path>: <reason>`` that `run_cli` prints.
+
+    ``path``: what the tool was writing; ``code``: the errno, None when unknown (torch's zip writer names none);
+    ``detail``: the OS's words (or the library's, for an unknown errno); ``filename``: the file the OS named.
+    """
+
+    def __init__(self, path: str | os.PathLike, code: int | None, detail: str, what: str = "",
+                 filename: Any = None) -> None:
+        self.path, self.code, self.detail, self.what, self.filename = Path(path), code, detail, what, filename
+        self.shown = str(path)  # as the user gave it
+        super().__init__(f"cannot write {what + ' ' if what else ''}{self.shown}: {self.reason}")
+
+    @property
+    def reason(self) -> str:
+        """The OS's words, and the file it named when that is not the path written."""
+        other = self.filename and str(self.filename) != self.shown
+        return f"{self.detail} ({self.filename})" if other else self.detail
+
+
+def exception_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and what caused it (``raise ... from`` or raised while handling), outermost first."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def refused_write(err: BaseException, path: str | os.PathLike) -> WriteError | None:
+    """``err``, raised writing ``path``, as a `WriteError` when the OS refused the write: an OSError with an errno
+    in its chain, or torch's or safetensors' words for one (`library_write_failure`); else None (maybe a bug)."""
+    chain = exception_chain(err)
+    cause = next((c for c in chain if isinstance(c, OSError) and c.errno), None)
+    if cause is not None:
+        return WriteError(path, cause.errno, cause.strerror or str(cause), filename=cause.filename)
+    if isinstance(err, (RuntimeError, SafetensorError)):
+        return library_write_failure(" | ".join(" ".join(str(c).split()) for c in chain), path)
+    return None
+
+
+def library_write_failure(text: str, path: str | os.PathLike) -> WriteError | None:
+    """The `WriteError` that torch's or safetensors' message ``text`` reports, else None. The errno is safetensors'
+    ``IoError(Os { code: 28, ... })`` or the OS's words; torch's zip writer gives neither, so little free space
+    where it wrote means a full disk."""
+    if not (any(m in text for m in WRITE_FAILURE_MARKERS) or "IoError" in text):
+        return None
+    found = re.search(r"\bcode: (\d+)", text)
+    code = int(found.group(1)) if found else next((c for m, c in MESSAGE_ERRNOS.items() if m in text), None)
+    if code is None and free_bytes(Path(path)) < LOW_SPACE_BYTES:
+        code = errno.ENOSPC
+    return WriteError(path, code, f"the write failed ({text[:200]})" if code is None else os.strerror(code))
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free to this user on the file system of ``path`` (its nearest existing folder); large if unknown."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                break
+    return 1 << 62
+
+
 @contextmanager
 def reporting_write_errors(target: str | os.PathLike) -> Iterator[None]:
-    """Run a tool's own writes to ``target``: an OSError there (read-only folder, permission denied, disk full)
-    becomes a one-line ValueError naming the path and the OS reason. Only writes are wrapped: an OSError
-    anywhere else keeps its traceback, as it may be a bug rather than the user's environment."""
+    """Run a tool's own writes to ``target``: a write the OS refuses there (read-only folder, permission denied,
+    disk full; also as torch's or safetensors' message, `refused_write`) becomes a one-line `WriteError` naming the
+    path and the OS reason; any OSError there does, in its own words. Only writes are wrapped: an error anywhere
+    else keeps its traceback, as it may be a bug rather than the user's environment."""
     try:
         yield
-    except OSError as err:
-        where = f" ({err.filename})" if err.filename and str(err.filename) != str(target) else ""
-        raise ValueError(f"cannot write {target}: {err.strerror or err}{where}") from err
+    except (OSError, RuntimeError, SafetensorError) as err:
+        failure = refused_write(err, target)
+        if failure is None and isinstance(err, OSError):  # no errno: still the environment's
+            failure = WriteError(target, None, err.strerror or str(err), filename=err.filename)
+        if failure is None:
+            raise
+        raise failure from err
 
 
 def _weights_name(source: str) -> str:
@@ -201,6 +284,7 @@ def run_cli(main: Callable[[], Any]) -> None:
         raise SystemExit(1) from None
 
 
-__all__ = ["read_json", "make_output_folder", "check_not_model_file", "reporting_write_errors", "load_checked",
+__all__ = ["read_json", "make_output_folder", "check_not_model_file", "WriteError", "refused_write",
+           "reporting_write_errors", "exception_chain", "free_bytes", "load_checked",
            "check_finite_weights", "check_finite_outputs", "current_umask", "follow_umask", "debug_requested",
            "run_cli"]

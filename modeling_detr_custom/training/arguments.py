@@ -19,8 +19,16 @@ from transformers import HfArgumentParser
 
 from ..checks import DEBUG_ENV, read_json
 from ..coco_metric import resolve_backend
+from ..configuration_detr_custom import DetrCustomConfig
 from ..data import SYNTHETIC_DEFAULTS, BoxFormat
-from .presets import MODEL_PRESETS, TRAINING_PRESETS
+from ..outputs import ARGS_FILE
+from .presets import (
+    ARCHITECTURE_KEYS,
+    FINETUNE_WARMUP_DIVISOR,
+    MODEL_PRESETS,
+    TRAINING_PRESETS,
+    finetune_recipe,
+)
 
 PRESET = "default: from the --model_config preset"
 DATA_SOURCES = ("dataset_name", "coco_dir", "dataset_path", "yolo_dir")
@@ -87,10 +95,12 @@ class TrainArguments(DataArguments):
     max_train_samples: int | None = _opt("use only the first N training images")
     # model
     model_config: str | None = _opt(f"preset {sorted(MODEL_PRESETS)} or a config.json / model folder "
-                                    "(default: demo without a dataset argument, else r50)")
+                                    "(default: with --model_name_or_path the preset that model was trained with, "
+                                    "else demo without a dataset argument and r50 with one)")
     config_overrides: str | None = _opt('e.g. "d_model=64,num_queries=20" (DetrCustomConfig fields)')
-    model_name_or_path: str | None = _opt("start from a saved/converted detr-custom folder; its class head is "
-                                          "replaced when the dataset's labels differ")
+    model_name_or_path: str | None = _opt("start from a saved/converted detr-custom folder; with new labels the "
+                                          "class head keeps the rows of the classes it knows by name (and no object), "
+                                          "the others start fresh; the recipe is its preset's, warmup / 10")
     backbone_weights: str | None = _opt(f"fresh model: 'timm' (ImageNet, downloads), 'none' (random) or a local "
                                         f"file; {PRESET}")
     image_size: int | None = _opt(f"short side for evaluation and largest training scale; {PRESET} (or the "
@@ -209,16 +219,47 @@ def processor_size_of(model_name_or_path: str | None) -> dict[str, int] | None:
     return size if "shortest_edge" in size else None
 
 
+def model_preset(model_name_or_path: str) -> tuple[str | None, str]:
+    """(the preset a saved model was trained with, how that is known), or (None, why it cannot be told).
+
+    A local folder's ``training_args.json`` (train.py's record) naming a preset tells; else the preset whose
+    architecture (`presets.ARCHITECTURE_KEYS`) its config.json has, e.g. r50 for converted published DETR-R50 weights.
+    """
+    folder = Path(model_name_or_path)
+    if not folder.is_dir():
+        return None, f"{model_name_or_path} is not a local folder"
+    try:
+        record = read_json(folder / ARGS_FILE) if (folder / ARGS_FILE).is_file() else {}
+    except ValueError:
+        record = {}
+    recorded = record.get("model_config") if isinstance(record, dict) else None
+    if recorded in TRAINING_PRESETS:
+        return recorded, f"its {ARGS_FILE} records --model_config {recorded}"
+    try:
+        config = DetrCustomConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        return None, f"its config.json cannot be read ({' '.join(str(err).split())[:200]})"
+    for name, kwargs in MODEL_PRESETS.items():
+        preset = DetrCustomConfig(**kwargs)
+        if all(getattr(config, key, None) == getattr(preset, key) for key in ARCHITECTURE_KEYS):
+            return name, f"its config.json has the {name} preset's architecture"
+    return None, f"it has no {ARGS_FILE} naming a preset and its config.json matches no preset's architecture"
+
+
 def resolve_options(args: TrainArguments) -> TrainArguments:
     """A copy of ``args`` with every preset-dependent field filled in, checked (ValueError naming the option).
 
-    The preset is ``--model_config`` if given, else ``demo`` without a dataset argument (the synthetic default)
-    and ``r50`` (the original recipe) with one. Fine-tuning a saved model without ``--image_size`` keeps its
-    processor's size.
+    The preset is ``--model_config`` if given; else, fine-tuning (``--model_name_or_path``), the preset the model was
+    trained with (`model_preset`); else ``demo`` without a dataset argument (the synthetic default) and ``r50`` (the
+    original recipe) with one. A fine-tune whose preset is given or found takes `presets.finetune_recipe` (a tenth of
+    the warmup). Fine-tuning a saved model without ``--image_size`` keeps its processor's size.
     """
-    model_config = args.model_config or ("r50" if args.has_dataset() else "demo")
+    found = model_preset(args.model_name_or_path)[0] if args.model_name_or_path and not args.model_config else None
+    known_recipe = bool(args.model_name_or_path) and bool(args.model_config or found)
+    model_config = args.model_config or found or ("r50" if args.has_dataset() else "demo")
     args = dataclasses.replace(args, model_config=model_config)
-    filled = {k: v for k, v in TRAINING_PRESETS[args.preset].items() if getattr(args, k) is None}
+    recipe = finetune_recipe(args.preset) if known_recipe else TRAINING_PRESETS[args.preset]
+    filled = {k: v for k, v in recipe.items() if getattr(args, k) is None}
     saved_size = processor_size_of(args.model_name_or_path) if args.image_size is None else None
     if saved_size:
         filled["image_size"] = saved_size["shortest_edge"]
@@ -228,6 +269,22 @@ def resolve_options(args: TrainArguments) -> TrainArguments:
     return dataclasses.replace(
         args, per_device_eval_batch_size=args.per_device_eval_batch_size or args.per_device_train_batch_size,
         max_size=args.max_size or round(1333 * args.image_size / 800), num_threads=str(args.num_threads))
+
+
+def finetune_recipe_line(args: TrainArguments) -> str:
+    """One line for the log of a fine-tune: the recipe ``args`` (resolved) trains with and why."""
+    found, how = model_preset(str(args.model_name_or_path))
+    if found == args.model_config:
+        why = f"the {found} preset's, the model's own ({how}), with warmup / {FINETUNE_WARMUP_DIVISOR}"
+    elif found is None and args.model_config in TRAINING_PRESETS:
+        why = (f"cannot tell the model's preset ({how}): preset {args.model_config}'s (--model_config, or the "
+               "default); give --model_config to choose")
+    else:
+        why = f"--model_config {args.model_config}'s as given (the model's own: {found or 'unknown'})"
+    augmentation = "on" if args.augmentation else "off"
+    return (f"fine-tune recipe: {why}: batch {args.per_device_train_batch_size}, lr {args.learning_rate:g} (backbone "
+            f"{args.backbone_learning_rate:g}), warmup {args.warmup_steps}, {args.num_train_epochs} epochs, "
+            f"augmentation {augmentation}, image size {args.image_size}; options you set win")
 
 
 def check_one_source(args: DataArguments) -> None:

@@ -11,7 +11,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,11 +21,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from ..checks import follow_umask, make_output_folder, read_json
+from ..checks import WriteError, follow_umask, make_output_folder, read_json, refused_write
 from ..folder_lock import is_main_rank
 from ..outputs import ARGS_FILE, CHECKPOINT_PREFIX, CHECKPOINTS_DIR, RUN_FILES, TRAINING_STATE_FILE
 from .arguments import OptionChange, TrainArguments, resume_changes
-from .factories import exception_chain
 
 logger = logging.getLogger(__name__)
 
@@ -210,25 +208,17 @@ def check_resume_options(args: TrainArguments, checkpoint: Path) -> list[OptionC
 
 # ----------------------------------------------------------------------------- writes that fail (disk full, ...)
 
-# What torch.save (its zip writer) and safetensors say when the OS refuses a write; torch's says no errno.
-WRITE_FAILURE_MARKERS = ("unexpected pos", "basic_ios::clear", "file write failed", "PytorchStreamWriter failed",
-                         "No space left", "Disk quota exceeded", "Read-only file system", "Permission denied")
-MESSAGE_ERRNOS = {"No space left": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
-                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
-LOW_SPACE_BYTES = 1 << 20  # less than this free where a write failed: the disk is full
+class RunWriteError(WriteError):
+    """A file of the run could not be written (`checks.refused_write`): ``what`` (e.g. "the checkpoint"), the file,
+    the OS reason with its errno name; `message` adds what is intact and how to go on."""
 
-
-class RunWriteError(ValueError):
-    """A file of the run could not be written: ``what`` (e.g. "the checkpoint"), the path, the OS reason."""
-
-    def __init__(self, what: str, path: Path, code: int | None, detail: str) -> None:
-        self.what, self.path, self.code, self.detail = what, path, code, detail
-        super().__init__(f"cannot write {what} {path}: {self.reason}")
+    def __init__(self, what: str, failure: WriteError) -> None:
+        super().__init__(Path(failure.filename or failure.path), failure.code, failure.detail, what=what)
 
     @property
     def reason(self) -> str:
         if self.code is None:
-            return f"the write failed ({self.detail})"
+            return self.detail
         return f"{os.strerror(self.code)} ({errno.errorcode.get(self.code, self.code)})"
 
     def remedy(self) -> str:
@@ -251,48 +241,17 @@ class RunWriteError(ValueError):
                 "--resume_from_checkpoint latest")
 
 
-def write_failure(err: BaseException, what: str, path: Path) -> RunWriteError | None:
-    """``err`` as a `RunWriteError` when the OS refused a write (an OSError, or torch's and safetensors' messages
-    of one), else None. torch's zip writer says no errno: the free space where it wrote tells a full disk."""
-    chain = exception_chain(err)
-    for cause in chain:
-        if isinstance(cause, OSError) and cause.errno:
-            return RunWriteError(what, Path(cause.filename or path), cause.errno, cause.strerror or str(cause))
-    text = " | ".join(" ".join(str(c).split()) for c in chain)
-    if not (isinstance(err, (RuntimeError, SafetensorError)) and
-            (any(m in text for m in WRITE_FAILURE_MARKERS) or "IoError" in text)):
-        return None
-    found = re.search(r"\bcode: (\d+)", text)  # safetensors: IoError(Os { code: 28, kind: StorageFull, ... })
-    code = int(found.group(1)) if found else next((c for m, c in MESSAGE_ERRNOS.items() if m in text), None)
-    if code is None and free_bytes(path) < LOW_SPACE_BYTES:
-        code = errno.ENOSPC
-    return RunWriteError(what, path, code, text[:200])
-
-
-def free_bytes(path: Path) -> int:
-    """Bytes free to this user on the file system of ``path`` (its nearest existing folder); large if unknown."""
-    for folder in (path, *path.parents):
-        if folder.exists():
-            try:
-                return shutil.disk_usage(folder).free
-            except OSError:
-                break
-    return 1 << 62
-
-
 @contextmanager
 def writing(what: str, path: Path) -> Iterator[None]:
-    """Turn a write the OS refuses inside the block into a `RunWriteError` naming ``what`` and ``path`` (or the
-    file the OSError names); anything else passes unchanged."""
+    """Turn a write the OS refuses inside the block (`checks.refused_write`) into a `RunWriteError` naming ``what``
+    and ``path`` (or the file the OSError names); anything else passes unchanged."""
     try:
         yield
-    except RunWriteError:
-        raise
     except (OSError, RuntimeError, SafetensorError) as err:
-        failure = write_failure(err, what, path)
+        failure = refused_write(err, path)
         if failure is None:
             raise
-        raise failure from err
+        raise RunWriteError(what, failure) from err
 
 
 # ----------------------------------------------------------------------------- a previous run in output_dir

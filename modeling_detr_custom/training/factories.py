@@ -7,6 +7,7 @@ relative to each image's UNPADDED size (the collator's job, `data/collate.py`).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from ..checks import load_checked
+from ..checks import CLASS_HEAD_KEYS, exception_chain, load_checked, read_json
 from ..configuration_detr_custom import DetrCustomConfig
 from ..data import (
     Compose,
@@ -32,7 +33,7 @@ from ..data import (
 )
 from ..image_processing_detr_custom import DetrCustomImageProcessor
 from ..modeling_detr_custom import DetrCustomForObjectDetection
-from .arguments import DataArguments, TrainArguments
+from .arguments import DataArguments, TrainArguments, finetune_recipe_line
 from .presets import MODEL_PRESETS
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def create_model(args: TrainArguments, data: DetectionData, resuming: bool = Fal
     facts = dict(label_to_category_id=dict(data.label_mapping.label_to_category_id),
                  contiguous_labels=args.contiguous_labels)
     if args.model_name_or_path:
+        logger.info("%s", finetune_recipe_line(args))
         return load_for_finetuning(args.model_name_or_path, id2label, args.config_overrides, **facts)
     config = DetrCustomConfig(**model_config_kwargs(args.model_config), id2label=id2label, **facts)
     apply_config_overrides(config, args.config_overrides)
@@ -216,15 +218,6 @@ def fetch_failure_reason(err: BaseException) -> str:
     return f"{type(deepest).__name__}: {(str(deepest).splitlines() or [''])[0][:200]}"
 
 
-def exception_chain(err: BaseException) -> list[BaseException]:
-    """``err`` and what caused it (``raise ... from`` or raised while handling), outermost first."""
-    chain: list[BaseException] = []
-    while err is not None and err not in chain:
-        chain.append(err)
-        err = err.__cause__ or err.__context__
-    return chain
-
-
 def timm_weights_name(backbone: str) -> str:
     """The Hub repo timm fetches the default weights of ``backbone`` from, e.g. timm/resnet50.a1_in1k."""
     try:
@@ -241,12 +234,12 @@ def load_for_finetuning(path: str, id2label: dict[int, str], overrides: str | No
                         ) -> DetrCustomForObjectDetection:
     """Load a saved/converted model for a new label set.
 
-    With another number of labels the mismatched class head is re-initialised by
-    ``ignore_mismatched_sizes``; with the same number but other names it is re-initialised here,
-    since keeping it would silently map old classes onto new ones.
+    The class head is rebuilt for the new labels (`keep_known_class_rows`): the classes the model already knows by
+    name keep their rows (weight and bias) at their new index, the no-object row (the last) is kept, and the new
+    classes start from the head's init. With the same labels in the same order the model is loaded as saved.
     """
     config = DetrCustomConfig.from_pretrained(path)
-    old = {int(k): v for k, v in config.id2label.items()}
+    old = {int(k): str(v) for k, v in config.id2label.items()}
     config.id2label, config.label2id = id2label, {v: k for k, v in id2label.items()}
     config.label_to_category_id = {int(k): int(v) for k, v in label_to_category_id.items()}
     config.contiguous_labels = contiguous_labels
@@ -256,10 +249,87 @@ def load_for_finetuning(path: str, id2label: dict[int, str], overrides: str | No
     model = load_checked(DetrCustomForObjectDetection, path, allow_missing=True, config=config,
                          ignore_mismatched_sizes=True)
     if old != id2label:
-        if len(old) == len(id2label):
-            model.class_labels_classifier.reset_parameters()
-        logger.info("new label set (%d labels, was %d): the class head starts from scratch", len(id2label), len(old))
+        saved = saved_class_head(path)
+        kept, new = keep_known_class_rows(model, old, id2label, saved)
+        if saved is None:
+            logger.info("new label set (%d labels, was %d): the saved class head cannot be read, so it starts from "
+                        "scratch", len(id2label), len(old))
+        else:
+            logger.info("new label set (%d labels, was %d): the class head keeps the rows of the no-object class and "
+                        "of %d known by name %s; %d new start fresh %s", len(id2label), len(old), len(kept),
+                        shown_names(kept), len(new), shown_names(new))
     return model
+
+
+def keep_known_class_rows(model: DetrCustomForObjectDetection, old: Mapping[int, str], new: Mapping[int, str],
+                          saved: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[list[str], list[str]]:
+    """Re-initialise the class head of ``model`` (labels ``new``) and copy into it, from ``saved`` (the (weight,
+    bias) of a head for the labels ``old``), the rows of the classes named in both and the no-object row (the last).
+
+    Names that do not identify a class are never matched: raw COCO ids' "N/A" gaps and names given twice. Returns
+    (the names kept, the names that start fresh), in the new label order.
+    """
+    head = model.class_labels_classifier
+    head.reset_parameters()  # the head's init (PyTorch's Linear default, as `_init_weights` gives it)
+    names = [str(new[i]) for i in sorted(new)]
+    if saved is None:
+        return [], names
+    weight, bias = saved
+    if weight.shape[1] != head.in_features or weight.shape[0] != bias.shape[0]:
+        return [], names  # another d_model (--config_overrides): nothing fits
+    old_counts, new_counts = Counter(map(str, old.values())), Counter(map(str, new.values()))
+    old_index = {str(name): int(i) for i, name in old.items()
+                 if old_counts[str(name)] == 1 and not str(name).startswith("N/A") and int(i) < weight.shape[0] - 1}
+    kept, fresh = [], []
+    with torch.no_grad():
+        for i in sorted(new):
+            name = str(new[i])
+            j = old_index.get(name)
+            if j is None or new_counts[name] > 1:
+                fresh.append(name)
+                continue
+            head.weight[i].copy_(weight[j])
+            head.bias[i].copy_(bias[j])
+            kept.append(name)
+        head.weight[-1].copy_(weight[-1])
+        head.bias[-1].copy_(bias[-1])
+    return kept, fresh
+
+
+def saved_class_head(path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The class head (weight, bias) stored at ``path`` (a model folder, or a Hub id already in the local cache), read
+    without loading the rest; None when no weights file with it can be found."""
+    from huggingface_hub import try_to_load_from_cache
+    from safetensors import safe_open
+
+    def locate(name: str) -> Path | None:
+        if Path(path).is_dir():
+            return Path(path) / name if (Path(path) / name).is_file() else None
+        try:
+            found = try_to_load_from_cache(path, name)
+        except ValueError:  # not a repo id
+            return None
+        return Path(found) if isinstance(found, str) else None
+
+    keys = CLASS_HEAD_KEYS
+    index = locate("model.safetensors.index.json")
+    files = ({key: locate(read_json(index)["weight_map"].get(key, "")) for key in keys} if index
+             else dict.fromkeys(keys, locate("model.safetensors")))
+    if all(files.values()):
+        tensors = []
+        for key in keys:
+            with safe_open(str(files[key]), framework="pt") as f:
+                tensors.append(f.get_tensor(key) if key in f.keys() else None)
+    else:
+        binary = locate("pytorch_model.bin")
+        state = torch.load(binary, map_location="cpu", weights_only=True) if binary else {}
+        tensors = [state.get(key) for key in keys]
+    return None if any(t is None for t in tensors) else (tensors[0].float(), tensors[1].float())
+
+
+def shown_names(names: list[str], limit: int = 20) -> str:
+    """``names`` for a log line: all of them, or the first ``limit`` and how many in all."""
+    return str(names) if len(names) <= limit else f"{names[:limit]} ... ({len(names)} in all)"
 
 
 # ----------------------------------------------------------------------------- optimizer, schedule

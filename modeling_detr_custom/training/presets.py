@@ -41,3 +41,21 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
                 num_train_epochs=300, lr_drop_epochs=200, per_device_train_batch_size=2, backbone_weights="timm",
                 augmentation=True, num_threads="0"),
 }
+
+# What identifies a preset's model in a saved config.json (the architecture; not dropout, init or query groups, which
+# only change training): `arguments.model_preset` matches a model without a training record against these.
+ARCHITECTURE_KEYS = ("backbone", "backbone_output_stride", "dilation", "d_model", "encoder_layers", "decoder_layers",
+                     "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim",
+                     "num_queries")
+
+# A fine-tune (--model_name_or_path) takes the recipe of the preset its model was trained with, with a tenth of the
+# warmup: the warmup is for learning from scratch (the demo's never learned without one), and a fine-tune starts from
+# learned weights except the rows of its new classes. A choice, not yet measured (BENCHMARKS.md has no fine-tune run).
+FINETUNE_WARMUP_DIVISOR = 10
+
+
+def finetune_recipe(preset: str) -> dict[str, Any]:
+    """The training options of a fine-tune from a model of ``preset``: the preset's with a shorter warmup."""
+    recipe = dict(TRAINING_PRESETS[preset])
+    recipe["warmup_steps"] = recipe["warmup_steps"] // FINETUNE_WARMUP_DIVISOR
+    return recipe

@@ -52,7 +52,8 @@ def test_known_classes_keep_their_class_head_rows_at_their_new_index(tmp_path: P
     bar_weight, bar_bias = new.weight[1], new.bias[1]
     assert bar_weight.abs().max() <= bound and bar_bias.abs() <= bound and bar_weight.std() > bound / 4, \
         "'bar' gets a fresh row from the head's init"
-    assert "keeps the rows of the no-object class and of 3 known by name ['square', 'circle', 'triangle']" in caplog.text
+    kept = "keeps the rows of the no-object class and of 3 known by name ['square', 'circle', 'triangle']"
+    assert kept in caplog.text
     assert "1 new start fresh ['bar']" in caplog.text
 
 
@@ -92,7 +93,8 @@ def test_a_finetune_takes_the_recipe_of_the_model_it_loads_and_explicit_options_
     assert (explicit.per_device_train_batch_size, explicit.augmentation, explicit.warmup_steps,
             explicit.image_size, explicit.learning_rate) == (2, True, 50, 96, 4e-4)
     r50 = resolved("--model_name_or_path", model, "--model_config", "r50")
-    assert (r50.model_config, r50.per_device_train_batch_size, r50.augmentation, r50.image_size) == ("r50", 2, True, 800)
+    assert (r50.model_config, r50.per_device_train_batch_size, r50.augmentation, r50.image_size) == \
+        ("r50", 2, True, 800)
     assert "--model_config r50's as given (the model's own: demo)" in finetune_recipe_line(r50)
     assert resolved().model_config == "r50", "a run from scratch on a dataset keeps the r50 recipe"
 

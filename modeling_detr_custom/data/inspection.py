@@ -152,7 +152,9 @@ def check_model_labels(data_labels: Mapping[Any, str], model_labels: Mapping[Any
         if sorted(data.values()) != sorted(model.values()) or data == model:
             return  # the same labels, or a new label set (its class head is replaced)
         problem = "has the model's classes under other ids"
-        fix = "the model's class head would be thrown away: load the data with the ids the model was trained with"
+        # fine-tuning would keep every class-head row (at its new index), but the same names under other ids are
+        # more likely data loaded with other ids than the model's (--contiguous_labels) than a wanted reordering
+        fix = "load the data with the ids the model was trained with"
     else:
         if all(model.get(i) == n for i, n in data.items()):
             return

@@ -52,6 +52,15 @@ def config() -> DetrCustomConfig:
     return tiny_config()
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (restored after it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # The tests that guard what a transformers release can break: loading (remote code, Auto classes, pipeline),
 # saving, transformers' conventions, and the list of transformers internals we use. Marked `transformers_compat`
 # here, in one place: `.ci/run` runs them against the lowest transformers, timm and accelerate that

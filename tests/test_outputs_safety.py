@@ -41,13 +41,8 @@ PREDICT, EXPORT, PUSH = _script("predict"), _script("export_onnx"), _script("pus
 EVALUATE = runpy.run_path(str(ROOT / "scripts" / "evaluate_model.py"), run_name="evaluate_safety")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small to share: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the tiny model's matrices are too small to share: a second thread only adds contention
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_model(folder: Path, pad_size: dict | None = None) -> Path:

@@ -39,6 +39,15 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def cpu_kind() -> str:
+    """"AVX-512" when /proc/cpuinfo lists avx512f, else "AVX2" (the two kinds of machine BENCHMARKS.md names)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return "AVX-512" if "avx512f" in flags.split() else "AVX2"
+
+
 def environment(device: str) -> dict[str, Any]:
     import timm
     import transformers
@@ -52,6 +61,7 @@ def environment(device: str) -> dict[str, Any]:
         "timm": timm.__version__,
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu_kind": cpu_kind(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

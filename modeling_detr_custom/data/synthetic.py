@@ -44,6 +44,9 @@ from .yolo import write_data_yaml, yolo_label_line
 logger = logging.getLogger(__name__)
 
 SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "bar")
+# Shapes the demo's data never draws, for datasets of other classes (`shapes=`); SHAPE_NAMES stay the default.
+OTHER_SHAPES: tuple[str, ...] = ("ring", "cross", "diamond")
+BACKGROUNDS: tuple[str, ...] = ("solid", "gradient")
 SPLITS: tuple[str, ...] = ("train", "val")
 # Image ids of the val split start here, so ids are unique across splits as in COCO.
 _SPLIT_ID_OFFSET = {"train": 0, "val": 1_000_000}
@@ -58,10 +61,20 @@ class ShapeSpec:
     area: int
 
 
-def _background(rng: np.random.Generator, size: int, noise_std: float) -> tuple[np.ndarray, np.ndarray]:
-    """Return (uint8 image (size, size, 3), mean colour (3,)); half the images get noise."""
+def _background(rng: np.random.Generator, size: int, noise_std: float,
+                kind: str = "solid") -> tuple[np.ndarray, np.ndarray]:
+    """Return (uint8 image (size, size, 3), mean colour (3,)); half the images get noise.
+
+    ``kind``: ``"solid"`` (one colour, the demo's) or ``"gradient"`` (a vertical blend of two colours that differ by
+    at most 60 per channel, so a shape colour far from their mean stays visible)."""
     colour = rng.integers(0, 256, size=3)
     img = np.broadcast_to(colour, (size, size, 3)).astype(np.float32)
+    if kind == "gradient":
+        other = np.clip(colour + rng.integers(-60, 61, size=3), 0, 255)
+        blend = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+        img = (1 - blend) * colour.astype(np.float32) + blend * other.astype(np.float32)
+        img = np.broadcast_to(img, (size, size, 3)).astype(np.float32)
+        colour = (colour + other) // 2
     if noise_std > 0 and rng.random() < 0.5:
         img = img + rng.normal(0.0, noise_std, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), colour
@@ -97,8 +110,20 @@ def _draw_mask(shape: str, size: int, x: int, y: int, w: int, h: int) -> np.ndar
         draw.ellipse([x, y, x1, y1], fill=255)
     elif shape == "triangle":
         draw.polygon([(x + (w - 1) / 2, y), (x, y1), (x1, y1)], fill=255)
-    else:
+    elif shape == "ring":  # a circle with a hole of half its diameter
+        draw.ellipse([x, y, x1, y1], fill=255)
+        draw.ellipse([x + w // 4, y + h // 4, x1 - w // 4, y1 - h // 4], fill=0)
+    elif shape == "cross":  # two bars of a third of the side through the centre
+        t = max(1, w // 3)
+        draw.rectangle([x + (w - t) // 2, y, x + (w - t) // 2 + t - 1, y1], fill=255)
+        draw.rectangle([x, y + (h - t) // 2, x1, y + (h - t) // 2 + t - 1], fill=255)
+    elif shape == "diamond":
+        draw.polygon([(x + (w - 1) / 2, y), (x1, y + (h - 1) / 2), (x + (w - 1) / 2, y1), (x, y + (h - 1) / 2)],
+                     fill=255)
+    elif shape in ("square", "bar"):
         draw.rectangle([x, y, x1, y1], fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPE_NAMES + OTHER_SHAPES}")
     return np.asarray(mask) > 0
 
 
@@ -137,24 +162,26 @@ def generate_image(
     max_shapes: int,
     category_ids: Sequence[int],
     noise_std: float = 8.0,
+    shapes: Sequence[str] = SHAPE_NAMES,
+    background: str = "solid",
 ) -> tuple[Image.Image, list[ShapeSpec]]:
     """Draw one RGB image (image_size x image_size) with 1..max_shapes non-overlapping shapes.
 
-    ``category_ids[k]`` is the COCO category id of ``SHAPE_NAMES[k]``. A shape that cannot be
+    ``category_ids[k]`` is the COCO category id of ``shapes[k]`` (default SHAPE_NAMES). A shape that cannot be
     placed without overlap after 100 tries is left out, so an image can hold fewer than
-    ``min_shapes`` shapes in crowded settings (never fewer than one).
+    ``min_shapes`` shapes in crowded settings (never fewer than one). ``background``: one of BACKGROUNDS.
     """
-    pixels, bg_colour = _background(rng, image_size, noise_std)
+    pixels, bg_colour = _background(rng, image_size, noise_std, background)
     n = int(rng.integers(min_shapes, max_shapes + 1))
     taken: list[tuple[int, int, int, int]] = []
     specs: list[ShapeSpec] = []
     for _ in range(n):
         k = int(rng.integers(0, len(category_ids)))
-        placed = _place_shape(rng, SHAPE_NAMES[k], image_size, taken)
+        placed = _place_shape(rng, shapes[k], image_size, taken)
         if placed is None:
             continue
         taken.append(placed)
-        mask = _draw_mask(SHAPE_NAMES[k], image_size, *placed)
+        mask = _draw_mask(shapes[k], image_size, *placed)
         pixels[mask] = _contrasting_colour(rng, bg_colour)
         specs.append(ShapeSpec(int(category_ids[k]), _tight_bbox(mask), int(mask.sum())))
     return Image.fromarray(pixels, mode="RGB"), specs
@@ -189,11 +216,12 @@ def _write_split(
         for spec in specs:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": spec.category_id,
                                 "bbox": [float(v) for v in spec.bbox], "area": float(spec.area), "iscrowd": 0})
-    return _write_json(out_dir, split, images, annotations, category_ids)
+    return _write_json(out_dir, split, images, annotations, category_ids, draw_kwargs.get("shapes", SHAPE_NAMES))
 
 
-def _write_json(out_dir: Path, split: str, images: list, annotations: list, category_ids: Sequence[int]) -> Path:
-    categories = [{"id": int(c), "name": SHAPE_NAMES[k], "supercategory": "shape"} for k, c in enumerate(category_ids)]
+def _write_json(out_dir: Path, split: str, images: list, annotations: list, category_ids: Sequence[int],
+                shapes: Sequence[str] = SHAPE_NAMES) -> Path:
+    categories = [{"id": int(c), "name": shapes[k], "supercategory": "shape"} for k, c in enumerate(category_ids)]
     coco = {
         "info": {"description": f"detr-custom synthetic shapes ({split})", "version": "1.0"},
         "licenses": [],
@@ -232,21 +260,32 @@ def make_synthetic_coco(
     noise_std: float = 8.0,
     category_ids: Sequence[int] | None = None,
     format: Literal["coco", "yolo"] = "coco",
+    shapes: Sequence[str] | None = None,
+    background: str = "solid",
 ) -> dict[str, Path]:
     """Write a synthetic COCO (or YOLO) folder to ``out_dir``; return ``{"train": path, "val": path}``.
 
     Args:
-        num_classes: 1-4 shape classes, in the order circle, square, triangle, bar.
+        num_classes: 1-4 shape classes, in the order circle, square, triangle, bar (or the first of ``shapes``).
         category_ids: COCO ids of those classes (default ``1..num_classes``); pass ids with
             gaps, e.g. ``(1, 3, 7)``, to mimic COCO's non-contiguous ids.
         noise_std: std of the Gaussian noise added to the background of half the images.
         format: ``"coco"`` (the paths returned are the annotation files) or ``"yolo"`` (the same
             images and boxes; the paths are the label folders, beside ``out_dir/data.yaml``).
+        shapes: the shape kinds of the classes, in order (default SHAPE_NAMES; any of SHAPE_NAMES + OTHER_SHAPES,
+            e.g. ``("ring", "cross", "diamond")`` for classes the default data never draws).
+        background: ``"solid"`` (default) or ``"gradient"`` (a look the default data never has).
     """
     if format not in ("coco", "yolo"):
         raise ValueError(f"format must be 'coco' or 'yolo', got {format!r}")
-    if not 1 <= num_classes <= len(SHAPE_NAMES):
-        raise ValueError(f"num_classes must be in 1..{len(SHAPE_NAMES)}, got {num_classes}")
+    shapes = tuple(shapes) if shapes is not None else SHAPE_NAMES
+    unknown = [s for s in shapes if s not in SHAPE_NAMES + OTHER_SHAPES]
+    if unknown or len(set(shapes)) != len(shapes):
+        raise ValueError(f"shapes must be distinct names of {SHAPE_NAMES + OTHER_SHAPES}, got {list(shapes)}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    if not 1 <= num_classes <= len(shapes):
+        raise ValueError(f"num_classes must be in 1..{len(shapes)}, got {num_classes}")
     if not 1 <= min_shapes <= max_shapes:
         raise ValueError(f"need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}")
     if image_size < 16:
@@ -255,11 +294,13 @@ def make_synthetic_coco(
     if len(ids) != num_classes or len(set(ids)) != num_classes or min(ids) < 1:
         raise ValueError(f"category_ids must be {num_classes} distinct ids >= 1, got {ids}")
     draw = dict(image_size=image_size, min_shapes=min_shapes, max_shapes=max_shapes, noise_std=noise_std)
+    if shapes != SHAPE_NAMES or background != "solid":  # the default data is drawn exactly as before
+        draw.update(shapes=shapes, background=background)
     counts = {"train": num_train, "val": num_val}
     write = _write_split if format == "coco" else _write_yolo_split
     paths = {split: write(Path(out_dir), split, counts[split], ids, seed, draw) for split in SPLITS}
     if format == "yolo":
-        write_data_yaml(out_dir, [SHAPE_NAMES[ids.index(c)] for c in sorted(ids)], SPLITS)
+        write_data_yaml(out_dir, [shapes[ids.index(c)] for c in sorted(ids)], SPLITS)
     return paths
 
 

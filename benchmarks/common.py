@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,13 +40,44 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def _cpuinfo() -> str | None:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return None
+
+
 def cpu_kind() -> str:
     """"AVX-512" when /proc/cpuinfo lists avx512f, else "AVX2" (the two kinds of machine BENCHMARKS.md names)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    text = _cpuinfo()
+    if text is None:
         return "unknown"
-    return "AVX-512" if "avx512f" in flags.split() else "AVX2"
+    return "AVX-512" if "avx512f" in text.split() else "AVX2"
+
+
+def cpu_fields() -> dict[str, str]:
+    """The first processor's "key: value" lines of /proc/cpuinfo (model name, vendor_id, cpu family, flags, ...);
+    {} where there is no /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    for line in (_cpuinfo() or "").split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_clock_mhz() -> tuple[float | None, str]:
+    """(MHz, where it came from) for a theoretical peak: lscpu's "CPU max MHz" (the boost clock) where it says one,
+    else the highest "cpu MHz" of /proc/cpuinfo (the current clock; under a hypervisor often the nominal one)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        if line.startswith("CPU max MHz:"):
+            return float(line.split(":")[1].replace(",", ".")), "lscpu \"CPU max MHz\""
+    current = [float(line.split(":")[1]) for line in (_cpuinfo() or "").splitlines() if line.startswith("cpu MHz")]
+    return (max(current), "/proc/cpuinfo \"cpu MHz\"") if current else \
+        (None, "no clock in lscpu or /proc/cpuinfo")
 
 
 def environment(device: str) -> dict[str, Any]:

@@ -4,8 +4,10 @@
 Not remote code: nothing in the model, config or processor files imports this module.
 
 The path is the object-detection pipeline's (image processor -> model -> ``post_process_object_detection``),
-batched, on a GPU when there is one. Box format everywhere here: absolute ``(xmin, ymin, xmax, ymax)`` pixels of
-the image as displayed (after its EXIF orientation is applied), as the pipeline returns them.
+batched, on a GPU when there is one; the forward in float32, or under bfloat16 autocast with ``dtype="bf16"``
+(`precision.inference_autocast`; post-processing stays float32). Box format everywhere here: absolute
+``(xmin, ymin, xmax, ymax)`` pixels of the image as displayed (after its EXIF orientation is applied), as the
+pipeline returns them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .checks import check_finite_outputs, load_checked, make_output_folder, read
 from .drawing import draw_detections
 from .folder_lock import hold_folder
 from .image_processing_detr_custom import pil_to_rgb8
+from .precision import check_inference_dtype, inference_autocast
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 REPORT_FILE = "detections.json"
@@ -146,9 +149,12 @@ def load_detector(model_ref: str | os.PathLike, device: torch.device) -> tuple[A
 
 @torch.no_grad()
 def detect(model: Any, processor: Any, images: Sequence[PIL.Image.Image], threshold: float,
-           device: torch.device) -> list[list[dict[str, Any]]]:
+           device: torch.device, dtype: str = "fp32") -> list[list[dict[str, Any]]]:
     """Detections of one batch, as the object-detection pipeline computes them. Raises UnusableImageError when
     the processor refuses the images (same-size batches: the reason holds for each of them).
+
+    ``dtype``: "fp32" or "bf16", the forward's precision (`precision.inference_autocast`; ValueError if
+    ``device`` cannot run it). Post-processing computes scores and boxes in float32 either way.
 
     Returns per image a list of {"label": name, "label_id": int, "score": float, "box": {"xmin", "ymin",
     "xmax", "ymax"}} with float pixel coordinates of that image (each image's own size, padding removed).
@@ -157,7 +163,8 @@ def detect(model: Any, processor: Any, images: Sequence[PIL.Image.Image], thresh
         inputs = processor(images=list(images), return_tensors="pt", device=device)
     except ValueError as err:  # the images' own fault (their size): the caller skips them, not the run
         raise UnusableImageError(str(err)) from None
-    outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+    with inference_autocast(dtype, device):  # the forward only: post-processing casts to float32 itself
+        outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
     check_finite_outputs(outputs.logits, outputs.pred_boxes, f"detections of a batch of {len(images)} image(s)")
     sizes = torch.tensor([[im.height, im.width] for im in images], device=device)
     results = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=sizes)
@@ -210,7 +217,7 @@ def same_size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list
 
 
 def _run_batch(model: Any, processor: Any, paths: Sequence[Path], indices: Sequence[int], threshold: float,
-               device: torch.device, skipped: list[dict[str, str]], log: Any) -> dict[int, tuple]:
+               device: torch.device, skipped: list[dict[str, str]], log: Any, dtype: str = "fp32") -> dict[int, tuple]:
     """Decode and detect one batch; {input index: (entry, image, detections)}. Files that fail to decode
     (a truncated image passes the header check) are added to ``skipped``."""
     opened = []
@@ -223,7 +230,7 @@ def _run_batch(model: Any, processor: Any, paths: Sequence[Path], indices: Seque
     if not opened:
         return {}
     try:
-        found = detect(model, processor, [image for _, _, image in opened], threshold, device)
+        found = detect(model, processor, [image for _, _, image in opened], threshold, device, dtype)
     except UnusableImageError as err:
         for _, path, _ in opened:
             skipped.append({"path": str(path), "reason": f"{path} cannot be processed: {err}"})
@@ -312,7 +319,7 @@ def _readable_sizes(files: Sequence[Path], skipped: list[dict[str, str]],
 
 def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathLike], threshold: float = 0.5,
                    output_dir: str | os.PathLike = "predictions", batch_size: int = 4, device: str = "auto",
-                   log: Any = print, overwrite: bool = False) -> dict[str, Any]:
+                   log: Any = print, overwrite: bool = False, dtype: str = "fp32") -> dict[str, Any]:
     """Detect objects in every image of ``inputs`` (files or folders); write ``<output_dir>/detections.json``
     and one ``<stem>.png`` per image with the detections drawn (``<stem>_1.png`` when the name is taken: an
     input or a file an earlier run did not write is never replaced). Inputs that are not images, or that PIL
@@ -324,7 +331,10 @@ def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathL
     first one's pid). A folder holding an earlier run's detections.json is refused unless ``overwrite``, which
     lets this run replace that run's report and drawings (and nothing else).
 
-    Returns the JSON report: {"model", "threshold", "device", "box_format", "images": [{"path", "width",
+    ``dtype``: "fp32" (the default) or "bf16", the precision of the model's forward (`precision.inference_autocast`:
+    bfloat16 autocast, which needs a CPU with native bfloat16 or a GPU with bf16); checked before anything is loaded.
+
+    Returns the JSON report: {"model", "threshold", "device", "dtype", "box_format", "images": [{"path", "width",
     "height", "output_image", "detections": [...]}], "skipped": [{"path", "reason"}]}.
     Raises ValueError for bad settings, a refused output folder or a failed write (naming the path and the OS
     reason), and ModelLoadError when the model cannot be loaded.
@@ -334,6 +344,7 @@ def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathL
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size!r} must be >= 1")
     torch_device = resolve_device(device)
+    check_inference_dtype(dtype, torch_device)  # before the model and any image are loaded
     model, processor = load_detector(model_ref, torch_device)  # before any output: a bad model writes nothing
     files, skipped = collect_images(inputs)
     files, drawn = without_own_drawings(files)
@@ -343,11 +354,11 @@ def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathL
     with hold_folder(out, "predict.py"):
         used = _taken_names(out, files, overwrite)  # outputs never replace an input or a file of someone else
         report: dict[str, Any] = {"model": str(model_ref), "threshold": threshold, "device": str(torch_device),
-                                  "box_format": BOX_FORMAT, "images": [], "skipped": skipped}
+                                  "dtype": dtype, "box_format": BOX_FORMAT, "images": [], "skipped": skipped}
         for item in skipped:
             log(f"skipped {item['path']}: {item['reason']}")
         report["images"] = _detect_and_draw(out, used, model, processor, files, skipped, threshold, batch_size,
-                                            torch_device, log)
+                                            torch_device, log, dtype)
         with reporting_write_errors(out / REPORT_FILE):  # a read-only folder or a full disk: one line
             (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
@@ -355,14 +366,15 @@ def predict_images(model_ref: str | os.PathLike, inputs: Sequence[str | os.PathL
 
 def _detect_and_draw(out: Path, used: set[str], model: Any, processor: Any, files: Sequence[Path],
                      skipped: list[dict[str, str]], threshold: float, batch_size: int, device: torch.device,
-                     log: Any) -> list[dict[str, Any]]:
+                     log: Any, dtype: str = "fp32") -> list[dict[str, Any]]:
     """The report's "images": each readable file's detections, drawn into ``out`` under a name not in ``used``.
     Files that cannot be used are added to ``skipped``."""
     readable, sizes = _readable_sizes(files, skipped, log)
     names = [_output_name(path, used) for path in readable]  # from the inputs' order, whatever the batching
     entries: dict[int, dict[str, Any]] = {}
     for batch in same_size_batches(sizes, batch_size):
-        done = _run_batch(model, processor, [readable[i] for i in batch], batch, threshold, device, skipped, log)
+        done = _run_batch(model, processor, [readable[i] for i in batch], batch, threshold, device, skipped, log,
+                          dtype)
         for index, (entry, image, detections) in done.items():  # drawn now: decoded images are not kept
             with reporting_write_errors(out / names[index]):
                 draw_report_detections(image, detections, model.config.id2label).save(out / names[index])

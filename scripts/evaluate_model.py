@@ -7,6 +7,9 @@
 Writes ``eval_results.json`` into the model folder (or ``--output_file``; an existing file is refused without
 ``--overwrite_output_file``), the file `scripts/push_to_hub.py` reports in the model card, and prints it.
 Predicted labels are mapped to the dataset's category ids with the mapping training saved in the config.
+``--dtype bf16`` runs the model under bfloat16 autocast (a CPU with native bfloat16, AVX512-BF16 or AMX, or a GPU
+with bf16; anything else is one line `error: ...` before any work); the results record ``dtype`` and accelerate's
+``mixed_precision``.
 
 Before any prediction the split goes through the data check training runs (modeling_detr_custom/data/inspection.py;
 its report is logged): a dataset whose labels the model names otherwise (both lists are named), boxes in another

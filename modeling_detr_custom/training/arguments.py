@@ -425,6 +425,8 @@ class EvalArguments(DataArguments):
     image_size: int | None = _opt("override the processor's short side")
     dataloader_num_workers: int = _opt("dataloader worker processes", 0)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt("default: from accelerate launch/config")
+    dtype: Literal["fp32", "bf16"] = _opt("the model's precision at inference: fp32, or bf16 autocast (needs a CPU "
+                                          "with native bfloat16, AVX512-BF16 or AMX, or a GPU with bf16)", "fp32")
     cpu: bool = _opt("run on the CPU even with a GPU", False)
     output_file: str | None = _opt("default: <model>/eval_results.json")
     overwrite_output_file: bool = _opt("replace an existing --output_file (else refused)", False)

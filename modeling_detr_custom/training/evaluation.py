@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from ..drawing import detection_sheet
 from ..image_processing_detr_custom import DetrCustomImageProcessor
 from ..modeling_detr_custom import DetrCustomForObjectDetection
 from ..outputs import EVAL_RESULTS_FILE
+from ..precision import check_inference_dtype, inference_autocast
 from .arguments import EvalArguments
 from .data_check import check_evaluation_data
 from .factories import first_rows, load_data, make_eval_dataloader
@@ -34,13 +35,19 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataloader: Iterable, processor: DetrCustomImageProcessor,
-            accelerator: Any | None = None) -> list[dict]:
+            accelerator: Any | None = None,
+            autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> list[dict]:
     """Predictions of this process, one dict per image: ``image_id``, ``boxes`` (Q, 4) absolute xyxy pixels of
-    the ORIGINAL image, ``scores`` (Q,), ``labels`` (Q,) model ids; all Q queries kept, as the original evaluates."""
+    the ORIGINAL image, ``scores`` (Q,), ``labels`` (Q,) model ids; all Q queries kept, as the original evaluates.
+
+    Each forward runs in ``autocast()`` when given (evaluate_model.py's ``--dtype``, `precision.inference_autocast`),
+    else in ``accelerator.autocast()`` (training's mixed precision), else as it is."""
     model.eval()
+    if autocast is None:
+        autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     predictions = []
     for batch in dataloader:
-        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+        with autocast():
             outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
         # NaN scores would fall below any threshold: AP 0 for a broken model instead of an error
         check_finite_outputs(outputs.logits, outputs.pred_boxes, "evaluation")
@@ -66,14 +73,16 @@ def gather_predictions(predictions: list[dict], accelerator: Any) -> list[dict]:
 
 def evaluate_coco(model: torch.nn.Module, dataloader: Iterable, processor: DetrCustomImageProcessor,
                   accelerator: Any, references: list[dict], label_to_category_id: Mapping[int, int] | None,
-                  backend: str = "auto") -> dict[str, float]:
+                  backend: str = "auto",
+                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict[str, float]:
     """COCO box AP (``backend``: faster-coco-eval or pycocotools) of ``model`` on ``dataloader``; the same dict
     on every process.
 
     ``references``: per-image GT (`data.metric_references`), category ids of the dataset;
-    predicted labels are mapped to them with ``label_to_category_id``.
+    predicted labels are mapped to them with ``label_to_category_id``. ``autocast``: the context of each forward,
+    as `predict` takes it (None: ``accelerator.autocast()``, what training uses).
     """
-    predictions = gather_predictions(predict(model, dataloader, processor, accelerator), accelerator)
+    predictions = gather_predictions(predict(model, dataloader, processor, accelerator, autocast), accelerator)
     result: list[Any] = [None]
     if accelerator.is_main_process:
         result[0] = coco_box_ap(predictions, references, label_to_category_id=label_to_category_id, backend=backend)
@@ -129,13 +138,21 @@ def results_path(args: EvalArguments) -> Path:
 
 
 def evaluate_folder(args: EvalArguments) -> dict[str, Any]:
-    """`scripts/evaluate_model.py`: COCO AP of a saved model folder on a dataset split (any process count)."""
+    """`scripts/evaluate_model.py`: COCO AP of a saved model folder on a dataset split (any process count).
+
+    ``args.dtype`` "bf16" runs each forward under `precision.inference_autocast` (checked on the accelerator's
+    device before the model is loaded); "fp32" leaves the forward to accelerate's mixed precision (none by
+    default). The result records both, with the split, process count, model and runtime."""
     from accelerate import Accelerator
 
     from .job import configure_logging
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
     configure_logging(accelerator)
+    check_inference_dtype(args.dtype, accelerator.device)  # before the model and the data are loaded
+    if args.dtype == "bf16" and accelerator.mixed_precision == "fp16":
+        raise ValueError("--dtype bf16 conflicts with mixed precision fp16 (--mixed_precision or accelerate's "
+                         "config); pass --mixed_precision no or bf16, or --dtype fp32")
     model, processor = load_model_and_processor(args.model)
     if args.image_size:
         processor.size = {"shortest_edge": args.image_size, "longest_edge": round(1333 * args.image_size / 800)}
@@ -152,9 +169,11 @@ def evaluate_folder(args: EvalArguments) -> dict[str, Any]:
     references = metric_references(dataset, data.label_mapping.label_to_category_id)
     loader = accelerator.prepare(make_eval_dataloader(dataset, processor, args.batch_size, args.dataloader_num_workers))
     start = time.perf_counter()
+    autocast = (lambda: inference_autocast(args.dtype, accelerator.device)) if args.dtype != "fp32" else None
     result = evaluate_coco(accelerator.prepare(model), loader, processor, accelerator, references, mapping,
-                           args.coco_eval_backend)
+                           args.coco_eval_backend, autocast)
     result.update({"split": split, "num_processes": accelerator.num_processes, "model": str(args.model),
+                   "dtype": args.dtype, "mixed_precision": accelerator.mixed_precision,
                    "eval_runtime_s": round(time.perf_counter() - start, 2)})
     return result
 

@@ -72,7 +72,8 @@ def train_step(job: Job, batch: Mapping[str, Any]) -> None:
     """
     acc, model, args = job.accelerator, job.model, job.args
     with acc.accumulate(model):
-        model.train()
+        if not model.training:  # after an evaluation; `train()` walks every module, 2 % of a demo step
+            model.train()
         loss, loss_dict = forward_loss(job, batch)
         job.running.add(loss, loss_dict, len(batch["labels"]), job.state.global_step + 1, job.state.epoch)
         if not loss_dict:  # diverged (weights are shared, so on every process): nothing to learn from

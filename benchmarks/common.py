@@ -27,9 +27,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-BENCH_DATE = "2026-11-24"
-
-
 # ----------------------------------------------------------------------------- environment
 
 
@@ -85,7 +82,7 @@ def environment(device: str) -> dict[str, Any]:
     import transformers
 
     env = {
-        "date": BENCH_DATE,
+        "date": datetime.date.today().isoformat(),  # the day of the run, as BENCHMARKS.md records it
         "run_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -2,7 +2,7 @@
 
 `accelerate launch scripts/train.py --output_dir DIR` with nothing else: the demo preset, the
 synthetic shapes generated from scratch (a fresh cache, as on a new machine), training and the final
-evaluation. About 10 minutes on 2 cores, so it is marked `slow` and `demo` (`.ci/run` runs it on its
+evaluation. About 7 minutes on 2 AVX-512 cores, so it is marked `slow` and `demo` (`.ci/run` runs it on its
 own, after the slow suite): `python -m pytest -m demo`.
 
 The floor is the lowest validation AP50 of the README's seed runs minus a margin for run-to-run
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-README_MIN_AP50 = 0.93  # README "Quickstart": the lowest of the measured runs (0.937, seed 1 alone), rounded down
+README_MIN_AP50 = 0.85  # README "Quickstart": the lowest of the measured runs (0.856, seed 42 alone), rounded down
 MARGIN = 0.05
 
 pytestmark = [pytest.mark.slow, pytest.mark.demo]

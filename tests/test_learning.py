@@ -9,9 +9,9 @@ lr 2e-4 without warmup (3 seeds), on the demo's 2,048 images. This test trains t
 images and asserts that the loss dropped below a threshold between the two.
 
 It pins that calibrated lr schedule (`RECIPE`, the demo's recipe until the warmup came in): the demo's
-own recipe (lr 4e-4 after a 2,000-step warmup) is still warming up at step 700 and averages about 4.11
-there, learning but not yet separable from a stall in 60 s. The recipe itself is guarded end to end
-by tests/test_demo.py. Today's stride-8 demo model does not stall with the xavier init (3.696 against
+own recipe (lr 4e-4 after a warmup, 2,000 steps when this was measured, 1,000 since) is still warming up at step
+700 and averaged about 4.11 there, learning but not yet separable from a stall in 60 s. The recipe itself is
+guarded end to end by tests/test_demo.py. Today's stride-8 demo model does not stall with the xavier init (3.696 against
 3.686 over steps 500-700 with this recipe), so it is 0fb0b69's stall, not that init, that this catches.
 
 About 55 s on 2 idle cores; run against 0fb0b69's tree it fails.

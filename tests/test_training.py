@@ -189,7 +189,8 @@ def test_r50_recipe_is_the_original_and_the_demo_warmup_is_its_own() -> None:
     assert lr == (1e-4, 1e-5, 0, 200, 300), "the original: no warmup, x0.1 at epoch 200 of 300"
     assert (r50.weight_decay, r50.max_grad_norm, r50.per_device_train_batch_size) == (1e-4, 0.1, 2)
     demo = resolve_options(parse_train_args(["--output_dir", "x"]))
-    assert (demo.model_config, demo.learning_rate, demo.warmup_steps) == ("demo", 4e-4, 2000)
+    assert (demo.model_config, demo.learning_rate, demo.warmup_steps, demo.num_train_epochs, demo.lr_drop_epochs) == \
+        ("demo", 4e-4, 1000, 20, 17)
     assert resolve_options(parse_train_args(["--output_dir", "x", "--warmup_steps", "0"])).warmup_steps == 0
 
 

@@ -64,10 +64,10 @@ from modeling_detr_custom.training import MODEL_PRESETS  # noqa: E402
 
 MODELS = ("r50", "demo")
 PATHS = ("eager_fp32", "onnxruntime", "timm_body", "eager_bf16")
-FULL = {"r50": {"canvas": (800, 1066), "repeats": 7}, "demo": {"canvas": (64, 64), "repeats": 50}, "warmup": 2,
-        "sgemm_sizes": (2048, 4096)}
-QUICK = {"r50": {"canvas": (320, 426), "repeats": 3}, "demo": {"canvas": (64, 64), "repeats": 10}, "warmup": 1,
-         "sgemm_sizes": (2048,)}
+FULL = {"r50": {"canvas": (800, 1066), "repeats": 7}, "demo": {"canvas": (64, 64), "repeats": 15, "calls": 10},
+        "warmup": 2, "sgemm_sizes": (2048, 4096)}
+QUICK = {"r50": {"canvas": (320, 426), "repeats": 3}, "demo": {"canvas": (64, 64), "repeats": 5, "calls": 5},
+         "warmup": 1, "sgemm_sizes": (2048,)}
 # issue 21 item 2: eager_fp32 latency / onnxruntime latency at most this
 TARGET_EAGER_OVER_ONNXRUNTIME = {"r50": 1.3, "demo": 3.0}
 IDLE_LOAD = 0.5  # a 1-min load average above this at the start: the figures are not an idle machine's
@@ -285,7 +285,7 @@ def bench_model(name: str, settings: dict[str, Any], threads: int, folder: Path)
     drift = bf16_drift(expected, eager_bf16(), processor, canvas) if autocast is not None else {"skipped": bf16_skip}
     flops = {"eager_fp32": count_flops(eager_fp32), "timm_body": count_flops(timm_body)}
     flops["onnxruntime"] = flops["eager_fp32"]  # the same graph: the exporter traces the eager forward
-    timings = time_wall_and_cpu(fns, settings["warmup"], repeats)
+    timings = time_wall_and_cpu(fns, settings["warmup"], repeats, calls=settings[name].get("calls", 1))
     return {"model": name, "batch_size": 1, "canvas": list(canvas), "num_queries": spec["num_queries"],
             "backbone": model.config.backbone, "export_and_verify_s": export_s, "onnx_max_abs_diff": onnx_diff,
             "flops": flops, "paths": summarise_paths(timings, flops, batch_size=1),
@@ -437,6 +437,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = start_record(args, argv, threads)
     sgemm_at_start = result["machine"]["sgemm"] = measured_peak(settings["sgemm_sizes"])
     result["repeats"] = {name: settings[name]["repeats"] for name in args.models}
+    result["calls_per_repeat"] = {name: settings[name].get("calls", 1) for name in args.models}  # timed back to back
     result["warmup"] = settings["warmup"]
     with tempfile.TemporaryDirectory(prefix="bench_cpu_inference_") as folder:
         for name in [m for m in MODELS if m in args.models]:

@@ -13,9 +13,10 @@ Then, for each dataset, seed and mode, one `scripts/train.py` run into `<output_
 - `scratch`: the same recipe from a random model.
 
 "The same recipe" is stated explicitly on both command lines: the options of `presets.finetune_recipe("demo")`
-(the recipe a fine-tune of the demo's model takes: batch 8, lr 4e-4 / backbone 4e-4, warmup 200, lr x0.1 after 24
-epochs, no augmentation, 64 px), with the same `--max_steps`, evaluation interval and seed. Evaluation every
-`--eval_every` steps (a whole number of epochs) records AP50 and the AP50 of each category in metrics.jsonl.
+(the recipe a fine-tune of the demo's model takes: batch 8, lr 4e-4 / backbone 4e-4, warmup 100, lr x0.1 after 17
+epochs, no augmentation, 64 px; until the demo preset went to 20 epochs: warmup 200, x0.1 after 24), with the same
+`--max_steps`, evaluation interval and seed. Evaluation every `--eval_every` steps (a whole number of epochs)
+records AP50 and the AP50 of each category in metrics.jsonl.
 
 The summary (`finetune.json`, `finetune.md`) gives per dataset and mode the AP50 of each seed at each evaluated
 step, the steps to AP50 >= --target per seed and their median (a run that never reaches it counts as later than any

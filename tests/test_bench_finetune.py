@@ -177,7 +177,7 @@ def test_both_modes_get_the_same_explicit_recipe(tmp_path: Path) -> None:
     args = bench.parse_args(["--output_dir", "x", "--demo_model", "demo", "--eval_every", "64"])
     recipe = bench.recipe_options(args)
     for option, value in [("--model_config", "demo"), ("--per_device_train_batch_size", "8"),
-                          ("--learning_rate", "0.0004"), ("--warmup_steps", "200"), ("--max_steps", "1024"),
+                          ("--learning_rate", "0.0004"), ("--warmup_steps", "100"), ("--max_steps", "1024"),
                           ("--eval_every_epochs", "2"), ("--image_size", "64")]:
         assert recipe[recipe.index(option) + 1] == value, option
     assert "--no_augmentation" in recipe and "--contiguous_labels" in recipe

@@ -83,8 +83,8 @@ def test_a_finetune_takes_the_recipe_of_the_model_it_loads_and_explicit_options_
     model = str(demo_like_model(tmp_path / "demo_like"))
     args = resolved("--model_name_or_path", model)
     assert (args.model_config, args.per_device_train_batch_size, args.augmentation, args.image_size,
-            args.learning_rate, args.num_train_epochs) == ("demo", 8, False, 64, 4e-4, 28), "the demo's recipe"
-    assert args.warmup_steps == 200, "a fine-tune takes a tenth of the preset's warmup"
+            args.learning_rate, args.num_train_epochs) == ("demo", 8, False, 64, 4e-4, 20), "the demo's recipe"
+    assert args.warmup_steps == 100, "a fine-tune takes a tenth of the preset's warmup (the demo's: 1,000)"
     line = finetune_recipe_line(args)
     assert line.startswith("fine-tune recipe: the demo preset's, the model's own (its config.json has the demo "
                            "preset's architecture), with warmup / 10: batch 8, lr 0.0004"), line
@@ -108,7 +108,7 @@ def test_the_recipe_comes_from_the_training_record_else_the_current_default(tmp_
            "matches no preset's architecture): preset r50's" in finetune_recipe_line(unknown)
     (folder / "training_args.json").write_text(json.dumps({"model_config": "demo", "learning_rate": 4e-4}))
     recorded = resolved("--model_name_or_path", str(folder))
-    assert (recorded.model_config, recorded.per_device_train_batch_size, recorded.warmup_steps) == ("demo", 8, 200)
+    assert (recorded.model_config, recorded.per_device_train_batch_size, recorded.warmup_steps) == ("demo", 8, 100)
     assert "the model's own (its training_args.json records --model_config demo)" in finetune_recipe_line(recorded)
 
 

@@ -1,7 +1,8 @@
 """The model presets and their training recipes, as data.
 
-`demo` was picked by measurement for a validation AP50 of the synthetic shapes >= 0.85 within 10 minutes on a
-2-core CPU of either kind, AVX-512 or AVX2 only (README, BENCHMARKS.md). DETR from scratch learns slowly; what
+`demo` was picked by measurement for a validation AP50 of the synthetic shapes >= 0.85 in as little time as it
+takes on a 2-core CPU: about 7 minutes on the AVX-512 machine, not yet measured on an AVX2-only one, which the
+aim of 10 minutes includes (README, BENCHMARKS.md). DETR from scratch learns slowly; what
 makes CPU learning visible: a tiny random backbone at stride 8 (an 8x8 feature map of the 64 px images), d_model
 128 (1.5x faster steps than 256 for a little less learning per step), few queries, Group DETR with 4 groups in
 training (inference is DETR's), PyTorch's default init of the feed-forward layers (with the original's xavier init

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_kind, environment  # noqa: E402
+from common import cpu_kind, environment, time_alternating  # noqa: E402
 
 from modeling_detr_custom.training import parse_train_args  # noqa: E402
 from modeling_detr_custom.training.arguments import resolve_options  # noqa: E402
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", action="append", default=[], help="extra train.py options (quoted), or attn=eager")
     p.add_argument("--batches", type=int, default=32, help="loaded batches each timed repeat steps through")
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats (the first is a warm-up, not counted)")
+    p.add_argument("--repeats", type=int, default=6, help="timed repeats, after one untimed pass")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's op table of 30 base steps")
     p.add_argument("--loader", action="store_true", help="also time the training loader alone (ms per batch)")
     p.add_argument("--work_dir", type=Path, default=None, help="where the runs' output folders go")
@@ -63,15 +63,15 @@ def make_job(options: list[str], output_dir: Path) -> Job:
 
 
 def time_steps(jobs: dict[str, tuple[Job, list]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per step of each job over its own batches, alternating jobs within every repeat."""
-    seconds: dict[str, list[float]] = {name: [] for name in jobs}
-    for _ in range(repeats):
-        for name, (job, batches) in jobs.items():
-            start = time.perf_counter()
-            for batch in batches:
-                train_step(job, batch)
-            seconds[name].append((time.perf_counter() - start) / len(batches))
-    return seconds
+    """Seconds per step of each job over its own batches, jobs alternating within every repeat
+    (`common.time_alternating`, after one untimed pass)."""
+    def steps(job: Job, batches: list) -> None:
+        for batch in batches:
+            train_step(job, batch)
+
+    fns = {name: (lambda job=job, batches=batches: steps(job, batches)) for name, (job, batches) in jobs.items()}
+    passes = time_alternating(fns, warmup=1, repeats=repeats)
+    return {name: [s / len(jobs[name][1]) for s in seconds] for name, seconds in passes.items()}
 
 
 def loader_ms_per_batch(job: Job, batches: int = 100) -> float:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for i, (name, options) in enumerate(variants.items()):
         job = make_job(options, work / f"run{i}")
         jobs[name] = (job, [b for _, b in zip(range(args.batches), job.train_loader)])
-    seconds = {name: s[1:] for name, s in time_steps(jobs, args.repeats).items()}
+    seconds = time_steps(jobs, args.repeats)
     base = statistics.median(seconds["base"])
     result: dict[str, Any] = {"environment": {**environment("cpu"), "command": shlex.join(sys.argv)},
                               "cpu_kind": cpu_kind(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

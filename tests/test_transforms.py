@@ -9,13 +9,18 @@ from PIL import Image
 from modeling_detr_custom.data import DetrCollator, coco_objects_to_target, target_to_coco_annotation
 from modeling_detr_custom.data.transforms import (
     DEFAULT_SCALES,
+    RandomChannelShuffle,
+    RandomHorizontalFlip,
     RandomSizeCrop,
+    RandomVerticalFlip,
     crop,
     hflip,
     make_eval_transforms,
+    make_flip_colour_transforms,
     make_train_transforms,
     resize,
     scaled_train_transform_kwargs,
+    vflip,
 )
 from modeling_detr_custom.image_processing_detr_custom import DetrCustomImageProcessor
 from modeling_detr_custom.image_processing_detr_custom import get_size_with_aspect_ratio as processor_size
@@ -81,6 +86,49 @@ def test_crop_boxes_follow_pixels_and_empty_boxes_dropped() -> None:
     _assert_boxes_follow_pixels(image, target, tol=0)
     image, target = crop(*_scene(), top=70, left=60, height=20, width=60)  # contains no box
     assert all(len(v) == 0 for k, v in target.items() if k != "note")
+
+
+def test_vflip_boxes_follow_pixels_and_twice_is_the_identity() -> None:
+    scene = _scene()
+    image, target = vflip(*scene)
+    assert target["boxes"].tolist() == [[10.0, 30.0, 50.0, 70.0], [70.0, 55.0, 110.0, 85.0]]
+    _assert_boxes_follow_pixels(image, target, tol=0)
+    again, back = vflip(image, target)
+    assert torch.equal(again, scene[0]) and torch.equal(back["boxes"], scene[1]["boxes"])
+
+
+def test_channel_shuffle_permutes_colours_and_leaves_boxes() -> None:
+    image, target = _scene()
+    seen = set()
+    for seed in range(30):
+        out, out_target = RandomChannelShuffle(1.0)(image, target, torch.Generator().manual_seed(seed))
+        assert out_target is target or torch.equal(out_target["boxes"], target["boxes"])
+        red = out[:, 30, 30].tolist()  # a pixel of the red box: one channel 255, the others 0
+        assert sorted(red) == [0, 0, 255]
+        seen.add(tuple(red))
+    assert len(seen) == 3, "red lands in each channel over the draws"
+    assert RandomChannelShuffle(0.0)(image, target, torch.Generator().manual_seed(0))[0] is image
+
+
+def test_flip_colour_transforms_keep_only_the_ones_asked_for() -> None:
+    assert make_flip_colour_transforms() == []
+    chosen = make_flip_colour_transforms(fliplr=0.5, flipud=0.25, channel_shuffle=1.0)
+    assert [type(t) for t in chosen] == [RandomHorizontalFlip, RandomVerticalFlip, RandomChannelShuffle]
+    assert [t.p for t in chosen] == [0.5, 0.25, 1.0]
+    assert [type(t) for t in make_flip_colour_transforms(flipud=0.5)] == [RandomVerticalFlip]
+    detr = make_train_transforms(fliplr=0.0, flipud=0.5).transforms
+    assert [type(t).__name__ for t in detr] == ["RandomVerticalFlip", "RandomSelect"]
+    default = make_train_transforms().transforms
+    assert [type(t).__name__ for t in default] == ["RandomHorizontalFlip", "RandomSelect"] and default[0].p == 0.5
+
+
+def test_vertical_flips_happen_at_their_rate_and_boxes_follow() -> None:
+    flips = 0
+    for seed in range(200):
+        image, target = RandomVerticalFlip(0.25)(*_scene(), torch.Generator().manual_seed(seed))
+        _assert_boxes_follow_pixels(image, target, tol=0)
+        flips += target["boxes"][0, 1].item() != 20.0
+    assert 30 <= flips <= 70, flips
 
 
 def test_train_transforms_boxes_follow_pixels_over_many_draws() -> None:

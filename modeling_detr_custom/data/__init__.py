@@ -47,7 +47,13 @@ from .schema import (
 )
 from .sources import find_split, load_detection_dataset
 from .synthetic import SYNTHETIC_DEFAULTS, default_cache_dir, generate_image, make_synthetic_coco, synthetic_coco_dir
-from .transforms import Compose, make_eval_transforms, make_train_transforms, scaled_train_transform_kwargs
+from .transforms import (
+    Compose,
+    make_eval_transforms,
+    make_flip_colour_transforms,
+    make_train_transforms,
+    scaled_train_transform_kwargs,
+)
 from .yolo import YOLO_REPORT_KEYS, load_yolo_folder, load_yolo_folder_with_info
 
 __all__ = [
@@ -58,7 +64,8 @@ __all__ = [
     "SYNTHETIC_DEFAULTS", "coco_objects_to_target", "default_cache_dir", "derived_seed", "detection_features",
     "find_coco_splits", "find_split", "generate_image", "label_mapping_from_categories",
     "label_mapping_from_features", "load_coco_folder", "load_coco_folder_with_info", "load_detection_dataset",
-    "make_eval_transforms", "make_synthetic_coco", "make_train_transforms", "metric_references",
+    "make_eval_transforms", "make_flip_colour_transforms", "make_synthetic_coco", "make_train_transforms",
+    "metric_references",
     "objects_as_columns", "pil_to_uint8_chw", "scaled_train_transform_kwargs", "synthetic_coco_dir",
     "target_to_coco_annotation", "validate_detection_schema", "without_image_decoding",
     "YOLO_REPORT_KEYS", "load_yolo_folder", "load_yolo_folder_with_info",

@@ -92,6 +92,16 @@ def hflip(image: Tensor, target: Target) -> tuple[Tensor, Target]:
     return image.flip(-1), target
 
 
+def vflip(image: Tensor, target: Target) -> tuple[Tensor, Target]:
+    """Mirror top-bottom. image (3, H, W) uint8; boxes (n, 4) absolute xyxy follow the pixels."""
+    height = image.shape[-2]
+    target = dict(target)
+    if "boxes" in target:
+        b = target["boxes"]
+        target["boxes"] = torch.stack([b[:, 0], height - b[:, 3], b[:, 2], height - b[:, 1]], dim=1)
+    return image.flip(-2), target
+
+
 def resize(image: Tensor, target: Target, size: int, max_size: int | None = None) -> tuple[Tensor, Target]:
     """Resize so the short side is ``size`` (long side <= ``max_size``); boxes (n, 4) xyxy and
     ``area`` (n,) scale with the pixels. Bilinear with antialiasing, on uint8 (like PIL's resize)."""
@@ -161,6 +171,38 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+class RandomVerticalFlip:
+    """:func:`vflip` with probability ``p`` (ultralytics' ``flipud``): for data whose classes do not depend on
+    which way is up."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def __call__(self, image: Tensor, target: Target,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Target]:
+        return vflip(image, target) if _rand(generator) < self.p else (image, target)
+
+    def __repr__(self) -> str:
+        return f"RandomVerticalFlip(p={self.p})"
+
+
+class RandomChannelShuffle:
+    """With probability ``p``, the RGB channels in a random order (the identity among them): for data whose classes
+    do not depend on colour. Boxes are untouched."""
+
+    def __init__(self, p: float = 1.0) -> None:
+        self.p = p
+
+    def __call__(self, image: Tensor, target: Target,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Target]:
+        if _rand(generator) >= self.p:
+            return image, target
+        return image[torch.randperm(3, generator=generator)], target
+
+    def __repr__(self) -> str:
+        return f"RandomChannelShuffle(p={self.p})"
+
+
 class RandomResize:
     """:func:`resize` to a short side drawn uniformly from ``sizes``, long side <= ``max_size``."""
 
@@ -224,11 +266,24 @@ def make_train_transforms(
     crop_resize_scales: Sequence[int] = DEFAULT_CROP_RESIZE_SCALES,
     crop_min: int = DEFAULT_CROP_MIN,
     crop_max: int = DEFAULT_CROP_MAX,
+    fliplr: float = 0.5,
+    flipud: float = 0.0,
+    channel_shuffle: float = 0.0,
 ) -> Compose:
-    """DETR's training augmentation (module docstring); defaults are the original's COCO sizes."""
+    """DETR's training augmentation (module docstring); defaults are the original's COCO sizes and flip. A vertical
+    flip and a channel shuffle (`make_flip_colour_transforms`) come before the resize when asked for."""
     crop_branch = Compose([RandomResize(crop_resize_scales), RandomSizeCrop(crop_min, crop_max),
                            RandomResize(scales, max_size)])
-    return Compose([RandomHorizontalFlip(0.5), RandomSelect(RandomResize(scales, max_size), crop_branch, p=0.5)])
+    return Compose([*make_flip_colour_transforms(fliplr, flipud, channel_shuffle),
+                    RandomSelect(RandomResize(scales, max_size), crop_branch, p=0.5)])
+
+
+def make_flip_colour_transforms(fliplr: float = 0.0, flipud: float = 0.0,
+                                channel_shuffle: float = 0.0) -> list[Transform]:
+    """The flips and the colour change with a non-zero probability, in that order (no resize: the image keeps its
+    size, so they suit small images that DETR's multi-scale crops would shrink below the backbone's stride)."""
+    chosen = [(fliplr, RandomHorizontalFlip), (flipud, RandomVerticalFlip), (channel_shuffle, RandomChannelShuffle)]
+    return [transform(p) for p, transform in chosen if p > 0]
 
 
 def make_eval_transforms() -> Compose:

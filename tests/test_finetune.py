@@ -13,7 +13,7 @@ from conftest import padded_batch, tiny_config
 from modeling_detr_custom.configuration_detr_custom import DetrCustomConfig
 from modeling_detr_custom.modeling_detr_custom import DetrCustomForObjectDetection
 from modeling_detr_custom.training.arguments import finetune_recipe_line, parse_train_args, resolve_options
-from modeling_detr_custom.training.factories import load_for_finetuning
+from modeling_detr_custom.training.factories import load_for_finetuning, make_train_transform
 from modeling_detr_custom.training.presets import MODEL_PRESETS
 
 OLD = {0: "circle", 1: "square", 2: "triangle"}
@@ -83,8 +83,10 @@ def test_a_finetune_takes_the_recipe_of_the_model_it_loads_and_explicit_options_
     model = str(demo_like_model(tmp_path / "demo_like"))
     args = resolved("--model_name_or_path", model)
     assert (args.model_config, args.per_device_train_batch_size, args.augmentation, args.image_size,
-            args.learning_rate, args.num_train_epochs) == ("demo", 8, False, 64, 4e-4, 20), "the demo's recipe"
+            args.learning_rate) == ("demo", 8, False, 64, 4e-4), "the demo's recipe"
     assert args.warmup_steps == 100, "a fine-tune takes a tenth of the preset's warmup (the demo's: 1,000)"
+    assert (args.fliplr, args.flipud, args.channel_shuffle, args.num_train_epochs, args.lr_drop_epochs) == \
+        (0.5, 0.5, 1.0, 48, 40), "and the demo fine-tune's flips, colour shuffle and longer schedule"
     line = finetune_recipe_line(args)
     assert line.startswith("fine-tune recipe: the demo preset's, the model's own (its config.json has the demo "
                            "preset's architecture), with warmup / 10: batch 8, lr 0.0004"), line
@@ -92,10 +94,14 @@ def test_a_finetune_takes_the_recipe_of_the_model_it_loads_and_explicit_options_
                         "--warmup_steps", "50", "--image_size", "96")
     assert (explicit.per_device_train_batch_size, explicit.augmentation, explicit.warmup_steps,
             explicit.image_size, explicit.learning_rate) == (2, True, 50, 96, 4e-4)
+    no_flip = resolved("--model_name_or_path", model, "--flipud", "0", "--channel_shuffle", "0.25")
+    assert (no_flip.fliplr, no_flip.flipud, no_flip.channel_shuffle) == (0.5, 0.0, 0.25)
+    assert "fliplr 0.5, flipud 0, channel_shuffle 0.25" in finetune_recipe_line(no_flip)
     r50 = resolved("--model_name_or_path", model, "--model_config", "r50")
     assert (r50.model_config, r50.per_device_train_batch_size, r50.augmentation, r50.image_size) == \
         ("r50", 2, True, 800)
     assert "--model_config r50's as given (the model's own: demo)" in finetune_recipe_line(r50)
+    assert (r50.fliplr, r50.flipud, r50.channel_shuffle) == (0.5, 0.0, 0.0), "DETR's flip only, as the paper"
     assert resolved().model_config == "r50", "a run from scratch on a dataset keeps the r50 recipe"
 
 
@@ -116,3 +122,17 @@ def test_the_recipe_comes_from_the_training_record_else_the_current_default(tmp_
 def test_every_preset_is_recognised_by_its_architecture(tmp_path: Path, preset: str) -> None:
     DetrCustomConfig(**MODEL_PRESETS[preset], id2label=OLD).save_pretrained(tmp_path)
     assert resolved("--model_name_or_path", str(tmp_path)).model_config == preset
+
+
+def test_flip_and_colour_defaults_follow_the_augmentation_and_stay_off_for_the_demo() -> None:
+    demo = resolve_options(parse_train_args(["--output_dir", "x"]))
+    assert (demo.augmentation, demo.fliplr, demo.flipud, demo.channel_shuffle) == (False, 0.0, 0.0, 0.0)
+    assert make_train_transform(demo) is None, "the demo from scratch: only the processor's resize, as before"
+    with_detr = resolve_options(parse_train_args(["--output_dir", "x", "--augmentation"]))
+    assert with_detr.fliplr == 0.5, "--augmentation is DETR's, flip included"
+    flips = resolve_options(parse_train_args(["--output_dir", "x", "--flipud", "0.5", "--channel_shuffle", "1"]))
+    assert [type(t).__name__ for t in make_train_transform(flips).transforms] == \
+        ["RandomVerticalFlip", "RandomChannelShuffle"]
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(ValueError, match=f"--flipud is a probability in \\[0, 1\\]; got {bad}"):
+            resolve_options(parse_train_args(["--output_dir", "x", "--flipud", bad]))

@@ -109,7 +109,15 @@ class TrainArguments(DataArguments):
     # Optional[bool], not bool | None: what HfArgumentParser reads as a flag with an optional value
     augmentation: Optional[bool] = _opt(  # noqa: UP045
         f"DETR's flip + multi-scale + crop, scaled to --image_size; {PRESET} "
-                                        "(demo: off); --no_augmentation: only resize", nargs="?", const=True)
+                                        "(demo: off); --no_augmentation: only resize and the three options below",
+                                        nargs="?", const=True)
+    fliplr: float | None = _opt("probability of a horizontal flip (ultralytics' name); default: 0.5 with "
+                                "--augmentation (DETR's), else the recipe's (0; a demo model's fine-tune: 0.5)")
+    flipud: float | None = _opt("probability of a vertical flip: for data whose classes do not depend on which way "
+                                "is up; default: the recipe's (0; a demo model's fine-tune: 0.5)")
+    channel_shuffle: float | None = _opt("probability of the RGB channels in a random order: for data whose classes "
+                                         "do not depend on colour; default: the recipe's (0; a demo model's "
+                                         "fine-tune: 1)")
     # training
     output_dir: str = _opt("the run's folder", "outputs/detr-custom")
     overwrite_output_dir: bool = _opt("start a new run in an --output_dir that holds a previous one, deleting that "
@@ -265,6 +273,8 @@ def resolve_options(args: TrainArguments) -> TrainArguments:
         filled["image_size"] = saved_size["shortest_edge"]
         filled["max_size"] = args.max_size or saved_size.get("longest_edge")
     args = dataclasses.replace(args, **filled)
+    args = dataclasses.replace(args, **{k: 0.0 for k in ("flipud", "channel_shuffle") if getattr(args, k) is None},
+                               fliplr=(0.5 if args.augmentation else 0.0) if args.fliplr is None else args.fliplr)
     validate_train_args(args)
     return dataclasses.replace(
         args, per_device_eval_batch_size=args.per_device_eval_batch_size or args.per_device_train_batch_size,
@@ -283,8 +293,10 @@ def finetune_recipe_line(args: TrainArguments) -> str:
         why = f"--model_config {args.model_config}'s as given (the model's own: {found or 'unknown'})"
     augmentation = "on" if args.augmentation else "off"
     return (f"fine-tune recipe: {why}: batch {args.per_device_train_batch_size}, lr {args.learning_rate:g} (backbone "
-            f"{args.backbone_learning_rate:g}), warmup {args.warmup_steps}, {args.num_train_epochs} epochs, "
-            f"augmentation {augmentation}, image size {args.image_size}; options you set win")
+            f"{args.backbone_learning_rate:g}), warmup {args.warmup_steps}, {args.num_train_epochs} epochs (lr x0.1 "
+            f"after {args.lr_drop_epochs}), augmentation {augmentation} (fliplr {args.fliplr:g}, flipud "
+            f"{args.flipud:g}, channel_shuffle {args.channel_shuffle:g}), image size {args.image_size}; options you "
+            "set win")
 
 
 def check_one_source(args: DataArguments) -> None:
@@ -313,6 +325,9 @@ def validate_train_args(args: TrainArguments) -> None:
                 "checkpointing_epochs", "dataloader_num_workers"):
         if getattr(args, key) < 0:
             raise ValueError(f"--{key} must be >= 0; got {getattr(args, key)!r}")
+    for key in ("fliplr", "flipud", "channel_shuffle"):
+        if not 0.0 <= getattr(args, key) <= 1.0:
+            raise ValueError(f"--{key} is a probability in [0, 1]; got {getattr(args, key)!r}")
     if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
         raise ValueError(f"--ema_decay must be in (0, 1), e.g. 0.9999; got {args.ema_decay!r}")
     if args.ema_warmup_steps < 0:
@@ -339,7 +354,8 @@ SYNTHETIC_OPTIONS = tuple(f"synthetic_{k}" for k in SYNTHETIC_DEFAULTS)
 # when it switches the average on or off (`resume_changes`).
 RUN_DEFINING_OPTIONS = (*DATA_SOURCES, *SYNTHETIC_OPTIONS, "box_format", "contiguous_labels", "train_split",
                         "max_train_samples", "model_config", "config_overrides", "model_name_or_path",
-                        "backbone_weights", "image_size", "max_size", "augmentation")
+                        "backbone_weights", "image_size", "max_size", "augmentation", "fliplr", "flipud",
+                        "channel_shuffle")
 # Used from the resumed step on and logged as a WARNING: the steps from there differ from an uninterrupted run's.
 TRAJECTORY_OPTIONS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                       "backbone_learning_rate", "weight_decay", "max_grad_norm", "lr_drop_epochs", "warmup_steps",

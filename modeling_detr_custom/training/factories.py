@@ -27,6 +27,7 @@ from ..data import (
     load_coco_folder_with_info,
     load_detection_dataset,
     load_yolo_folder_with_info,
+    make_flip_colour_transforms,
     make_train_transforms,
     scaled_train_transform_kwargs,
     synthetic_coco_dir,
@@ -79,13 +80,16 @@ def make_image_processor(args: TrainArguments) -> DetrCustomImageProcessor:
 
 
 def make_train_transform(args: TrainArguments) -> Compose | None:
-    """DETR's augmentation with every size scaled to ``image_size``; None without augmentation (the processor
-    then only resizes)."""
-    if not args.augmentation:
-        return None
-    kwargs = scaled_train_transform_kwargs(args.image_size)
-    kwargs["max_size"] = args.max_size
-    return make_train_transforms(**kwargs)
+    """The training augmentation of ``args`` (resolved): the flips and colour change it asks for, then DETR's
+    multi-scale resize and crop scaled to ``image_size`` with --augmentation; None when there is none (the
+    processor then only resizes)."""
+    if args.augmentation:
+        kwargs = scaled_train_transform_kwargs(args.image_size)
+        kwargs["max_size"] = args.max_size
+        return make_train_transforms(**kwargs, fliplr=args.fliplr, flipud=args.flipud,
+                                     channel_shuffle=args.channel_shuffle)
+    transforms = make_flip_colour_transforms(args.fliplr, args.flipud, args.channel_shuffle)
+    return Compose(transforms) if transforms else None
 
 
 def split_names(args: TrainArguments, data: DetectionData) -> tuple[str, str | None]:

@@ -14,7 +14,8 @@ Then, for each dataset, seed and mode, one `scripts/train.py` run into `<output_
 
 "The same recipe" is stated explicitly on both command lines: the options of `presets.finetune_recipe("demo")`
 (the recipe a fine-tune of the demo's model takes: batch 8, lr 4e-4 / backbone 4e-4, warmup 100, lr x0.1 after 17
-epochs, no augmentation, 64 px; until the demo preset went to 20 epochs: warmup 200, x0.1 after 24), with the same
+epochs, flips both ways and shuffled colour channels but not DETR's multi-scale crops, 64 px; until the demo preset
+went to 20 epochs: warmup 200, x0.1 after 24, and no flips or colour change before 2026-12-07), with the same
 `--max_steps`, evaluation interval and seed. Evaluation every `--eval_every` steps (a whole number of epochs)
 records AP50 and the AP50 of each category in metrics.jsonl.
 
@@ -76,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--num_train", type=int, default=256, help="training images of each dataset")
     p.add_argument("--num_val", type=int, default=64, help="validation images of each dataset")
-    p.add_argument("--max_steps", type=int, default=1024, help="optimizer steps of every run")
+    p.add_argument("--max_steps", type=int, default=1536, help="optimizer steps of every run")
     p.add_argument("--eval_every", type=int, default=64,
                    help="evaluate every N steps: a multiple of the steps per epoch (num_train / batch 8)")
     p.add_argument("--target", type=float, default=0.8, help="validation AP50 to reach")
@@ -121,6 +122,7 @@ def recipe_options(args: argparse.Namespace) -> list[str]:
             "--backbone_learning_rate", str(recipe["backbone_learning_rate"]),
             "--warmup_steps", str(recipe["warmup_steps"]), "--lr_drop_epochs", str(recipe["lr_drop_epochs"]),
             "--augmentation" if recipe["augmentation"] else "--no_augmentation",
+            *(option for key in ("fliplr", "flipud", "channel_shuffle") for option in (f"--{key}", str(recipe[key]))),
             "--max_steps", str(args.max_steps), "--eval_every_epochs", str(args.eval_every // steps_per_epoch),
             "--contiguous_labels", "--checkpointing_steps", "0", "--checkpointing_epochs", "0",
             "--picture_images", "0"]

@@ -177,8 +177,9 @@ def test_both_modes_get_the_same_explicit_recipe(tmp_path: Path) -> None:
     args = bench.parse_args(["--output_dir", "x", "--demo_model", "demo", "--eval_every", "64"])
     recipe = bench.recipe_options(args)
     for option, value in [("--model_config", "demo"), ("--per_device_train_batch_size", "8"),
-                          ("--learning_rate", "0.0004"), ("--warmup_steps", "100"), ("--max_steps", "1024"),
-                          ("--eval_every_epochs", "2"), ("--image_size", "64")]:
+                          ("--learning_rate", "0.0004"), ("--warmup_steps", "100"), ("--max_steps", "1536"),
+                          ("--eval_every_epochs", "2"), ("--image_size", "64"), ("--fliplr", "0.5"),
+                          ("--flipud", "0.5"), ("--channel_shuffle", "1.0")]:
         assert recipe[recipe.index(option) + 1] == value, option
     assert "--no_augmentation" in recipe and "--contiguous_labels" in recipe
     commands = {mode: bench.run_command(Path("run"), Path("data"), mode, 1, "1", "demo", recipe, [])

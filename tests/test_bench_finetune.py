@@ -152,7 +152,10 @@ def test_the_known_classes_never_fall_below_the_demo_models_own_ap50(tmp_path: P
     below = summary(tmp_path, demo_ap50=0.75)["known_classes"]
     assert below["lowest_finetune_AP50"] == {"AP50": 0.7, "seed": 2, "step": 128}
     assert below["demo_AP50"] == 0.75 and not below["never_below_demo"]
+    assert below["final_finetune_AP50"] == {1: 0.9, 2: 0.9, 3: 0.9} and below["finals_not_below_demo"], \
+        "the fine-tuned models (last evaluations) are checked apart from the dip along the way"
     assert summary(tmp_path, demo_ap50=0.7)["known_classes"]["never_below_demo"], "equal is not below"
+    assert not summary(tmp_path, demo_ap50=0.95)["known_classes"]["finals_not_below_demo"]
     run = bench.summarise_run(bench.run_dir(tmp_path, "plus_one", "finetune", 2), 0.8, ["1", "2", "3"])
     assert [e["known_AP50"] for e in run["evals"]][:3] == [0.9, 0.7, 0.9], "the mean of the known classes' AP50"
     assert bench.known_ap50({"1": 0.5, "2": 1.0, "4": 0.0}, ["1", "2", "3"]) == 0.75, "a class without ground truth"

@@ -273,8 +273,8 @@ def resolve_options(args: TrainArguments) -> TrainArguments:
         filled["image_size"] = saved_size["shortest_edge"]
         filled["max_size"] = args.max_size or saved_size.get("longest_edge")
     args = dataclasses.replace(args, **filled)
-    args = dataclasses.replace(args, **{k: 0.0 for k in ("flipud", "channel_shuffle") if getattr(args, k) is None},
-                               fliplr=(0.5 if args.augmentation else 0.0) if args.fliplr is None else args.fliplr)
+    flips = {"fliplr": 0.5 if args.augmentation else 0.0, "flipud": 0.0, "channel_shuffle": 0.0}  # DETR's flip
+    args = dataclasses.replace(args, **{k: v for k, v in flips.items() if getattr(args, k) is None})
     validate_train_args(args)
     return dataclasses.replace(
         args, per_device_eval_batch_size=args.per_device_eval_batch_size or args.per_device_train_batch_size,
@@ -293,8 +293,9 @@ def finetune_recipe_line(args: TrainArguments) -> str:
         why = f"--model_config {args.model_config}'s as given (the model's own: {found or 'unknown'})"
     augmentation = "on" if args.augmentation else "off"
     return (f"fine-tune recipe: {why}: batch {args.per_device_train_batch_size}, lr {args.learning_rate:g} (backbone "
-            f"{args.backbone_learning_rate:g}), warmup {args.warmup_steps}, {args.num_train_epochs} epochs (lr x0.1 "
-            f"after {args.lr_drop_epochs}), augmentation {augmentation} (fliplr {args.fliplr:g}, flipud "
+            f"{args.backbone_learning_rate:g}), warmup {args.warmup_steps}, {args.num_train_epochs} epochs ("
+            f"{f'lr x0.1 after {args.lr_drop_epochs}' if args.lr_drop_epochs else 'no lr drop'}), augmentation "
+            f"{augmentation} (fliplr {args.fliplr:g}, flipud "
             f"{args.flipud:g}, channel_shuffle {args.channel_shuffle:g}), image size {args.image_size}; options you "
             "set win")
 

@@ -157,50 +157,41 @@ class Compose:
         return f"Compose({self.transforms!r})"
 
 
-class RandomHorizontalFlip:
-    """:func:`hflip` with probability ``p``."""
+class _WithProbability:
+    """Its ``apply`` with probability ``p`` (one draw from the generator per call), else the input unchanged."""
 
     def __init__(self, p: float = 0.5) -> None:
         self.p = p
 
     def __call__(self, image: Tensor, target: Target,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Target]:
-        return hflip(image, target) if _rand(generator) < self.p else (image, target)
+        return self.apply(image, target, generator) if _rand(generator) < self.p else (image, target)
 
     def __repr__(self) -> str:
-        return f"RandomHorizontalFlip(p={self.p})"
+        return f"{type(self).__name__}(p={self.p})"
 
 
-class RandomVerticalFlip:
+class RandomHorizontalFlip(_WithProbability):
+    """:func:`hflip` with probability ``p``."""
+
+    def apply(self, image: Tensor, target: Target, generator: torch.Generator | None) -> tuple[Tensor, Target]:
+        return hflip(image, target)
+
+
+class RandomVerticalFlip(_WithProbability):
     """:func:`vflip` with probability ``p`` (ultralytics' ``flipud``): for data whose classes do not depend on
     which way is up."""
 
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = p
-
-    def __call__(self, image: Tensor, target: Target,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Target]:
-        return vflip(image, target) if _rand(generator) < self.p else (image, target)
-
-    def __repr__(self) -> str:
-        return f"RandomVerticalFlip(p={self.p})"
+    def apply(self, image: Tensor, target: Target, generator: torch.Generator | None) -> tuple[Tensor, Target]:
+        return vflip(image, target)
 
 
-class RandomChannelShuffle:
+class RandomChannelShuffle(_WithProbability):
     """With probability ``p``, the RGB channels in a random order (the identity among them): for data whose classes
     do not depend on colour. Boxes are untouched."""
 
-    def __init__(self, p: float = 1.0) -> None:
-        self.p = p
-
-    def __call__(self, image: Tensor, target: Target,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Target]:
-        if _rand(generator) >= self.p:
-            return image, target
+    def apply(self, image: Tensor, target: Target, generator: torch.Generator | None) -> tuple[Tensor, Target]:
         return image[torch.randperm(3, generator=generator)], target
-
-    def __repr__(self) -> str:
-        return f"RandomChannelShuffle(p={self.p})"
 
 
 class RandomResize:

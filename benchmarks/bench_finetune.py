@@ -13,9 +13,10 @@ Then, for each dataset, seed and mode, one `scripts/train.py` run into `<output_
 - `scratch`: the same recipe from a random model.
 
 "The same recipe" is stated explicitly on both command lines: the options of `presets.finetune_recipe("demo")`
-(the recipe a fine-tune of the demo's model takes: batch 8, lr 4e-4 / backbone 4e-4, warmup 100, lr x0.1 after 17
-epochs, flips both ways and shuffled colour channels but not DETR's multi-scale crops, 64 px; until the demo preset
-went to 20 epochs: warmup 200, x0.1 after 24, and no flips or colour change before 2026-12-07), with the same
+(the recipe a fine-tune of the demo's model takes: batch 8, lr 4e-4 / backbone 4e-4, warmup 100, lr x0.1 after 40
+epochs, flips both ways and shuffled colour channels but not DETR's multi-scale crops, 64 px; before 2026-12-07's
+flips: x0.1 after 17 and no flips or colour change, and before the 20-epoch demo preset warmup 200, x0.1 after 24),
+with the same
 `--max_steps`, evaluation interval and seed. Evaluation every `--eval_every` steps (a whole number of epochs)
 records AP50 and the AP50 of each category in metrics.jsonl.
 

@@ -16,9 +16,8 @@ Then, for each dataset, seed and mode, one `scripts/train.py` run into `<output_
 (the recipe a fine-tune of the demo's model takes: batch 8, lr 4e-4 / backbone 4e-4, warmup 100, lr x0.1 after 40
 epochs, flips both ways and shuffled colour channels but not DETR's multi-scale crops, 64 px; before 2026-12-07's
 flips: x0.1 after 17 and no flips or colour change, and before the 20-epoch demo preset warmup 200, x0.1 after 24),
-with the same
-`--max_steps`, evaluation interval and seed. Evaluation every `--eval_every` steps (a whole number of epochs)
-records AP50 and the AP50 of each category in metrics.jsonl.
+with the same `--max_steps`, evaluation interval and seed. Evaluation every `--eval_every` steps (a whole number
+of epochs) records AP50 and the AP50 of each category in metrics.jsonl.
 
 The summary (`finetune.json`, `finetune.md`) gives per dataset and mode the AP50 of each seed at each evaluated
 step, the steps to AP50 >= --target per seed and their median (a run that never reaches it counts as later than any

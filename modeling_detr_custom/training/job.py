@@ -95,20 +95,31 @@ def make_accelerator(args: TrainArguments) -> Any:
         cpu=args.cpu)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# `--num_threads auto`: the machine's load, read as the quietest of a few samples (0.6 s at start-up in all).
+IDLE_SAMPLES, IDLE_SAMPLE_S = 3, 0.2
+
+
 def resolve_num_threads(setting: int | str, local_processes: int = 1) -> int:
     """Torch CPU threads for each of this machine's ``local_processes`` training processes.
 
     An integer is used as given (0: torch's default, every core). ``"auto"`` (the small presets) takes
-    the cores idle right now (0.3 s of CPU usage) shared among the processes, at least 1 and at most 4:
-    a demo step runs about 1.5x faster on both cores of an idle 2-core machine than on one, but several
-    times slower when another job keeps one of them busy (BENCHMARKS.md).
+    the cores idle right now shared among the processes, at least 1 and at most 4: a demo step runs about
+    1.5x faster on both cores of an idle 2-core machine than on one, but several times slower when another
+    job keeps one of them busy (BENCHMARKS.md). "Idle" is the quietest of `IDLE_SAMPLES` short samples, so a
+    blip of another process (a shell, a finishing job) does not cost the whole run a core, while a job that
+    keeps a core busy shows in every sample.
     """
     if str(setting) != "auto":
         return int(setting) or torch.get_num_threads()
     import psutil  # accelerate's dependency
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    idle = cores * (1 - psutil.cpu_percent(interval=0.3) / 100)
+    busy = min(psutil.cpu_percent(interval=IDLE_SAMPLE_S) for _ in range(IDLE_SAMPLES))
+    idle = usable_cores() * (1 - busy / 100)
     return max(1, min(4, round(idle) // max(1, local_processes)))
 
 
@@ -145,8 +156,11 @@ def setup(args: TrainArguments, checkpoint: Path | None = None) -> Job:
     accelerator = make_accelerator(args)
     configure_logging(accelerator)
     if accelerator.device.type == "cpu":
-        torch.set_num_threads(resolve_num_threads(args.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-        logger.info("torch CPU threads per process: %d (--num_threads %s)", torch.get_num_threads(), args.num_threads)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(resolve_num_threads(args.num_threads, local))
+        fewer = args.num_threads == "auto" and torch.get_num_threads() < max(1, min(4, usable_cores()) // local)
+        logger.info("torch CPU threads per process: %d (--num_threads %s%s)", torch.get_num_threads(), args.num_threads,
+                    ": other processes kept cores busy at start-up; --num_threads N chooses" if fewer else "")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed, device_specific=True)  # seed + rank, like the original (DDP broadcasts rank 0's weights)

@@ -84,12 +84,12 @@ def test_a_finetune_takes_the_recipe_of_the_model_it_loads_and_explicit_options_
     args = resolved("--model_name_or_path", model)
     assert (args.model_config, args.per_device_train_batch_size, args.augmentation, args.image_size,
             args.learning_rate) == ("demo", 8, False, 64, 4e-4), "the demo's recipe"
-    assert args.warmup_steps == 100, "a fine-tune takes a tenth of the preset's warmup (the demo's: 1,000)"
+    assert args.warmup_steps == 100, "the warmup, batch and lr the demo's fine-tune recipe was measured with"
     assert (args.fliplr, args.flipud, args.channel_shuffle, args.num_train_epochs, args.lr_drop_epochs) == \
         (0.5, 0.5, 1.0, 48, 40), "and the demo fine-tune's flips, colour shuffle and longer schedule"
     line = finetune_recipe_line(args)
-    assert line.startswith("fine-tune recipe: the demo preset's, the model's own (its config.json has the demo "
-                           "preset's architecture), with warmup / 10: batch 8, lr 0.0004"), line
+    assert line.startswith("fine-tune recipe: the demo preset's fine-tune, the model's own (its config.json has the "
+                           "demo preset's architecture): batch 8, lr 0.0004"), line
     explicit = resolved("--model_name_or_path", model, "--per_device_train_batch_size", "2", "--augmentation",
                         "--warmup_steps", "50", "--image_size", "96")
     assert (explicit.per_device_train_batch_size, explicit.augmentation, explicit.warmup_steps,

@@ -189,9 +189,29 @@ def test_r50_recipe_is_the_original_and_the_demo_warmup_is_its_own() -> None:
     assert lr == (1e-4, 1e-5, 0, 200, 300), "the original: no warmup, x0.1 at epoch 200 of 300"
     assert (r50.weight_decay, r50.max_grad_norm, r50.per_device_train_batch_size) == (1e-4, 0.1, 2)
     demo = resolve_options(parse_train_args(["--output_dir", "x"]))
-    assert (demo.model_config, demo.learning_rate, demo.warmup_steps, demo.num_train_epochs, demo.lr_drop_epochs) == \
-        ("demo", 4e-4, 1000, 20, 17)
+    assert (demo.model_config, demo.per_device_train_batch_size, demo.learning_rate, demo.warmup_steps,
+            demo.num_train_epochs, demo.lr_drop_epochs) == ("demo", 16, 5.7e-4, 500, 20, 17)
     assert resolve_options(parse_train_args(["--output_dir", "x", "--warmup_steps", "0"])).warmup_steps == 0
+
+
+def test_auto_threads_take_the_idle_cores_and_a_blip_of_load_does_not_cost_a_core(monkeypatch) -> None:
+    import psutil
+
+    from modeling_detr_custom.training import job
+
+    def threads(busy_samples: list[float], cores: int = 2, local_processes: int = 1) -> int:
+        samples = iter(busy_samples)
+        monkeypatch.setattr(psutil, "cpu_percent", lambda interval: next(samples))
+        monkeypatch.setattr(job, "usable_cores", lambda: cores)
+        return job.resolve_num_threads("auto", local_processes)
+
+    assert threads([0, 0, 0]) == 2, "an idle 2-core machine: both cores"
+    assert threads([70, 3, 40]) == 2, "another process busy during one sample only: still both"
+    assert threads([55, 60, 52]) == 1, "a job keeping one core busy throughout: one thread"
+    assert threads([100, 100, 100]) == 1, "never 0"
+    assert threads([0, 0, 0], cores=16) == 4, "at most 4"
+    assert threads([0, 0, 0], cores=4, local_processes=2) == 2, "the idle cores shared among the processes"
+    assert job.resolve_num_threads("3") == 3 and job.resolve_num_threads(0) == torch.get_num_threads()
 
 
 def test_param_groups_backbone_lr_and_frozen_stem() -> None:

@@ -24,7 +24,6 @@ from ..data import SYNTHETIC_DEFAULTS, BoxFormat
 from ..outputs import ARGS_FILE
 from .presets import (
     ARCHITECTURE_KEYS,
-    FINETUNE_WARMUP_DIVISOR,
     MODEL_PRESETS,
     TRAINING_PRESETS,
     finetune_recipe,
@@ -100,7 +99,7 @@ class TrainArguments(DataArguments):
     config_overrides: str | None = _opt('e.g. "d_model=64,num_queries=20" (DetrCustomConfig fields)')
     model_name_or_path: str | None = _opt("start from a saved/converted detr-custom folder; with new labels the "
                                           "class head keeps the rows of the classes it knows by name (and no object), "
-                                          "the others start fresh; the recipe is its preset's, warmup / 10")
+                                          "the others start fresh; the recipe is its preset's fine-tune")
     backbone_weights: str | None = _opt(f"fresh model: 'timm' (ImageNet, downloads), 'none' (random) or a local "
                                         f"file; {PRESET}")
     image_size: int | None = _opt(f"short side for evaluation and largest training scale; {PRESET} (or the "
@@ -259,8 +258,9 @@ def resolve_options(args: TrainArguments) -> TrainArguments:
 
     The preset is ``--model_config`` if given; else, fine-tuning (``--model_name_or_path``), the preset the model was
     trained with (`model_preset`); else ``demo`` without a dataset argument (the synthetic default) and ``r50`` (the
-    original recipe) with one. A fine-tune whose preset is given or found takes `presets.finetune_recipe` (a tenth of
-    the warmup). Fine-tuning a saved model without ``--image_size`` keeps its processor's size.
+    original recipe) with one. A fine-tune whose preset is given or found takes `presets.finetune_recipe` (the preset's
+    recipe with its fine-tune changes). Fine-tuning a saved model without ``--image_size`` keeps its
+    processor's size.
     """
     found = model_preset(args.model_name_or_path)[0] if args.model_name_or_path and not args.model_config else None
     known_recipe = bool(args.model_name_or_path) and bool(args.model_config or found)
@@ -285,7 +285,7 @@ def finetune_recipe_line(args: TrainArguments) -> str:
     """One line for the log of a fine-tune: the recipe ``args`` (resolved) trains with and why."""
     found, how = model_preset(str(args.model_name_or_path))
     if found == args.model_config:
-        why = f"the {found} preset's, the model's own ({how}), with warmup / {FINETUNE_WARMUP_DIVISOR}"
+        why = f"the {found} preset's fine-tune, the model's own ({how})"
     elif found is None and args.model_config in TRAINING_PRESETS:
         why = (f"cannot tell the model's preset ({how}): preset {args.model_config}'s (--model_config, or the "
                "default); give --model_config to choose")

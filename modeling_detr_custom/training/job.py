@@ -119,7 +119,11 @@ def resolve_num_threads(setting: int | str, local_processes: int = 1) -> int:
     import psutil  # accelerate's dependency
 
     busy = min(psutil.cpu_percent(interval=IDLE_SAMPLE_S) for _ in range(IDLE_SAMPLES))
-    idle = usable_cores() * (1 - busy / 100)
+    return threads_for_idle_cores(usable_cores() * (1 - busy / 100), local_processes)
+
+
+def threads_for_idle_cores(idle: float, local_processes: int = 1) -> int:
+    """`--num_threads auto`'s share of ``idle`` cores for each of ``local_processes``: at least 1, at most 4."""
     return max(1, min(4, round(idle) // max(1, local_processes)))
 
 
@@ -158,7 +162,7 @@ def setup(args: TrainArguments, checkpoint: Path | None = None) -> Job:
     if accelerator.device.type == "cpu":
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(resolve_num_threads(args.num_threads, local))
-        fewer = args.num_threads == "auto" and torch.get_num_threads() < max(1, min(4, usable_cores()) // local)
+        fewer = args.num_threads == "auto" and torch.get_num_threads() < threads_for_idle_cores(usable_cores(), local)
         logger.info("torch CPU threads per process: %d (--num_threads %s%s)", torch.get_num_threads(), args.num_threads,
                     ": other processes kept cores busy at start-up; --num_threads N chooses" if fewer else "")
     output_dir = Path(args.output_dir)
